@@ -1,0 +1,50 @@
+# Native SynthSeg toolkit: the single entry point. `make help` lists the targets.
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+IN ?=
+OUT ?=
+FLAGS ?=
+THREADS ?=
+
+.PHONY: help setup test lint doctor clean demo run
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: ## Build .venv for this platform (GPU=cuda on Linux; FORCE=1 rebuilds; PYTHON= picks the interpreter)
+	@VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
+
+$(STAMP): requirements-metal.txt pyproject.toml
+	@VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
+
+test: $(STAMP) ## Run pytest, ruff and shellcheck (builds the environment first if needed)
+	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check synthseg_src tests
+	@command -v shellcheck >/dev/null || { echo "[ERR] shellcheck not found: apt-get install shellcheck (or brew install shellcheck)" >&2; exit 1; }
+	shellcheck scripts/*.sh .ci/run
+
+lint: $(STAMP) ## ruff and shellcheck only
+	$(VENV)/bin/ruff check synthseg_src tests
+	@command -v shellcheck >/dev/null || { echo "[ERR] shellcheck not found: apt-get install shellcheck (or brew install shellcheck)" >&2; exit 1; }
+	shellcheck scripts/*.sh .ci/run
+
+doctor: $(STAMP) ## Versions, devices, and where Conv3D/BatchNorm really run
+	@$(PY) -m synthseg_native.devices
+
+demo: $(STAMP) ## Segment nilearn's MNI152 T1 into results/demo/ (test weights if no official ones)
+	@$(PY) -m synthseg_native.demo $(if $(THREADS),--threads $(THREADS)) $(if $(FLAGS),--flags "$(FLAGS)")
+
+run: $(STAMP) ## Segment IN into OUT with upstream's FLAGS, e.g. make run IN=t1.nii.gz OUT=seg.nii.gz FLAGS="--vol v.csv"
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo "[ERR] usage: make run IN=input OUT=output [FLAGS='--parc --vol v.csv']" >&2; exit 2; }
+	@$(PY) -m synthseg_native --i "$(IN)" --o "$(OUT)" $(if $(THREADS),--threads $(THREADS)) $(FLAGS)
+
+clean: ## Remove caches and demo outputs (keeps .venv; rm -rf .venv for a full reset)
+	rm -rf results/demo .pytest_cache .ruff_cache build synthseg_src/*.egg-info
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+-include mk/*.mk

@@ -1,0 +1,119 @@
+"""Command line with upstream ``SynthSeg_predict.py``'s flags (plus --models, --bn, --engine, ...).
+
+It only turns arguments into an :class:`Options` object, sets up TensorFlow's devices and threads
+before TensorFlow starts, and hands over to the runner or to the upstream reference engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .outputs import UsageError, plan_outputs
+from .runner import Options, log
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="synthseg-native",
+        description="SynthSeg brain MRI segmentation, native tf.keras engine (same flags as SynthSeg_predict.py).")
+    p.add_argument("--i", help="Image to segment (.nii/.nii.gz/.mgz), a folder of images, or a .txt list.")
+    p.add_argument("--o", help="Segmentation output: file or folder (folder if --i is a folder; .txt if a list).")
+    p.add_argument("--parc", action="store_true", help="Cortical parcellation (DK atlas).")
+    p.add_argument("--robust", action="store_true", help="SynthSeg-robust (implies --fast; not with --v1).")
+    p.add_argument("--fast", action="store_true", help="Skip the flipped prediction and topology cleaning.")
+    p.add_argument("--ct", action="store_true", help="Clip intensities to [0, 80] for CT scans.")
+    p.add_argument("--vol", help="CSV file with volumes (mm3) of all structures.")
+    p.add_argument("--qc", help="CSV file with automated QC scores.")
+    p.add_argument("--post", help="Posteriors output(s), same kind as --o.")
+    p.add_argument("--resample", help="Resampled input image(s) at 1 mm, same kind as --o.")
+    p.add_argument("--crop", nargs="+", type=int, help="Analyse a centred patch of this size (1 or 3 values).")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for TensorFlow (default: all cores; upstream defaults to 1).")
+    p.add_argument("--cpu", action="store_true", help="Run on the CPU even if a GPU is available.")
+    p.add_argument("--v1", action="store_true", help="Use SynthSeg 1.0 instead of 2.0.")
+    p.add_argument("--models", help="Folder with the weight files (searched first).")
+    p.add_argument("--bn", choices=["auto", "fused", "unfused"], default="auto",
+                   help="BatchNorm form: fused (exact, CPU/CUDA), unfused (Metal); auto picks per device.")
+    p.add_argument("--engine", choices=["native", "upstream"], default="native",
+                   help="native (default) or upstream: run $SYNTHSEG_HOME's SynthSeg for comparison.")
+    p.add_argument("--synthseg-home", help="Upstream SynthSeg checkout for --engine upstream "
+                   "(default: $SYNTHSEG_HOME).")
+    p.add_argument("--profile", action="store_true", help="Print the time spent in each stage.")
+    p.add_argument("--debug", action="store_true", help="Show Python tracebacks and TensorFlow logs.")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.robust and args.v1:
+        raise UsageError("--robust cannot be used with --v1 (SynthSeg-robust only exists for 2.0)")
+    if args.crop is not None:
+        if len(args.crop) not in (1, 3):
+            raise UsageError(f"--crop takes 1 or 3 sizes, got {len(args.crop)}")
+        if any(c <= 0 for c in args.crop):
+            raise UsageError(f"--crop sizes must be positive, got {args.crop}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_help()
+        return 1
+    args = parser.parse_args(argv)
+    if args.robust:
+        args.fast = True
+    try:
+        _check(args)
+        plan = plan_outputs(args.i, args.o, args.post, args.resample, args.vol, args.qc)
+    except UsageError as exc:
+        log("ERR", str(exc))
+        return 2
+    if not args.debug:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    crop = None if args.crop is None else (args.crop * 3 if len(args.crop) == 1 else args.crop)
+    opts = Options(i=args.i, o=args.o, parc=args.parc, robust=args.robust, fast=args.fast, ct=args.ct,
+                   vol=args.vol, qc=args.qc, post=args.post, resample=args.resample, crop=crop,
+                   threads=args.threads, cpu=args.cpu, v1=args.v1, models=args.models, bn=args.bn,
+                   profile=args.profile, debug=args.debug)
+    if args.engine == "upstream":
+        return _run_upstream(opts, args.synthseg_home)
+    return _run_native(opts, plan)
+
+
+def _run_native(opts: Options, plan) -> int:
+    from . import devices
+    from .runner import run
+
+    version = "SynthSeg-robust 2.0" if opts.robust else ("SynthSeg 1.0" if opts.v1 else "SynthSeg 2.0")
+    if opts.fast and not opts.robust:
+        version += " (fast)"
+    if opts.cpu:
+        devices.hide_gpus()
+    threads = devices.configure_threads(opts.threads)
+    log("INFO", f"{version}, native engine, {len(plan.images)} image(s), {threads} thread(s), "
+                f"device {devices.network_device()}")
+    return run(opts, plan)
+
+
+def _run_upstream(opts: Options, synthseg_home: str | None) -> int:
+    from .upstream import UpstreamError, UpstreamRequest, run_upstream
+    from .weights import MODEL_FILES, WeightsError, find_weights
+
+    try:
+        key = "robust" if opts.robust else ("seg1" if opts.v1 else "seg2")
+        models_dir = str(find_weights(MODEL_FILES[key], opts.models).parent)
+        req = UpstreamRequest(i=opts.i, o=opts.o, parc=opts.parc, robust=opts.robust, fast=opts.fast,
+                              ct=opts.ct, vol=opts.vol, qc=opts.qc, post=opts.post, resample=opts.resample,
+                              crop=opts.crop, threads=opts.threads or os.cpu_count() or 1, cpu=opts.cpu,
+                              v1=opts.v1, synthseg_home=synthseg_home, models_dir=models_dir,
+                              bn="unfused" if opts.bn == "unfused" else "fused")
+        log("INFO", f"upstream engine from {synthseg_home or os.environ.get('SYNTHSEG_HOME')}, "
+                    f"weights in {models_dir}")
+        return run_upstream(req)
+    except (UpstreamError, WeightsError) as exc:
+        log("ERR", str(exc))
+        return 1

@@ -1,0 +1,185 @@
+"""The SynthSeg networks as tf.keras models whose layer names match the official weight files.
+
+Layers and their configuration follow upstream's ``ext/neuron/models.py`` (U-Net, encoder) and the
+inference graph of ``predict_synthseg.build_model`` (blur, flip, argmax/one-hot transitions), so
+that TensorFlow executes the same kernels in the same order and produces the same bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+KL = tf.keras.layers
+
+
+def unet(inputs: tf.Tensor, prefix: str, n_labels: int, conv_size: int = 3, n_features: int = 24,
+         n_levels: int = 5, skip_n: int = 0, activation: str = "elu") -> tf.Tensor:
+    """Encoder/decoder with BatchNorm at the end of each level and softmax output ``{prefix}_prediction``.
+
+    Skip connections take the last convolution of each encoder level *before* its BatchNorm;
+    ``skip_n`` removes them at the deepest levels (the robust model's "l2l" network).
+    """
+    x = inputs
+    skips: list[tf.Tensor] = []
+    for level in range(n_levels):
+        feats = int(np.round(n_features * 2 ** level))
+        for conv in range(2):
+            x = KL.Conv3D(feats, conv_size, padding="same", activation=activation,
+                          data_format="channels_last", dilation_rate=1,
+                          name=f"{prefix}_conv_downarm_{level}_{conv}")(x)
+        skips.append(x)
+        x = KL.BatchNormalization(axis=-1, name=f"{prefix}_bn_down_{level}")(x)
+        if level < n_levels - 1:
+            x = KL.MaxPooling3D(pool_size=(2, 2, 2), padding="same", name=f"{prefix}_maxpool_{level}")(x)
+    for level in range(n_levels - 1):
+        feats = int(np.round(n_features * 2 ** (n_levels - 2 - level)))
+        x = KL.UpSampling3D(size=(2, 2, 2), name=f"{prefix}_up_{n_levels + level}")(x)
+        if level < n_levels - skip_n - 1:
+            x = KL.concatenate([skips[n_levels - 2 - level], x], axis=4, name=f"{prefix}_merge_{n_levels + level}")
+        for conv in range(2):
+            x = KL.Conv3D(feats, conv_size, padding="same", activation=activation, dilation_rate=1,
+                          name=f"{prefix}_conv_uparm_{n_levels + level}_{conv}")(x)
+        x = KL.BatchNormalization(axis=-1, name=f"{prefix}_bn_up_{level}")(x)
+    x = KL.Conv3D(n_labels, 1, activation=None, name=f"{prefix}_likelihood")(x)
+    return KL.Lambda(lambda t: tf.keras.activations.softmax(t, axis=4), name=f"{prefix}_prediction")(x)
+
+
+def blur_kernel(sigma: float) -> tf.Tensor:
+    """3-D Gaussian kernel built with upstream's exact sequence of float32 TF operations."""
+    sig = tf.convert_to_tensor([float(sigma)] * 3, dtype="float32")
+    window = np.int32(np.ceil(2.5 * np.array([sigma] * 3)) / 2) * 2 + 1
+    mesh = tf.meshgrid(*[tf.range(0, int(w)) for w in window], indexing="ij")
+    mesh = [tf.cast(m, "float32") for m in mesh]
+    diff = tf.stack([mesh[f] - (window[f] - 1) / 2 for f in range(3)], axis=-1)
+    for _ in range(3):
+        sig = tf.expand_dims(sig, axis=0)
+    is_zero = tf.equal(sig, 0)
+    exp_term = -tf.square(diff) / (2 * tf.where(is_zero, tf.ones_like(sig), sig) ** 2)
+    norms = exp_term - tf.math.log(tf.where(is_zero, tf.ones_like(sig), np.sqrt(2 * np.pi) * sig))
+    kernel = tf.exp(tf.reduce_sum(norms, -1))
+    kernel /= tf.reduce_sum(kernel)
+    return tf.expand_dims(tf.expand_dims(kernel, -1), -1)
+
+
+def _one_hot_of_argmax(x: tf.Tensor, depth: int, name: str) -> tf.Tensor:
+    """Hard decision between cascaded networks, as they were trained."""
+    x = KL.Lambda(lambda t: tf.argmax(t, axis=-1), name=f"{name}_argmax")(x)
+    return KL.Lambda(lambda t: tf.one_hot(tf.cast(t, "int32"), depth=depth, axis=-1), name=f"{name}_onehot")(x)
+
+
+def unet_model(n_labels: int, n_channels: int = 1) -> tf.keras.Model:
+    """The plain segmentation U-Net (SynthSeg 1.0/2.0): image → softmax posteriors."""
+    image = KL.Input(shape=[None, None, None, n_channels], name="unet_input")
+    return tf.keras.Model(image, unet(image, "unet", n_labels), name="synthseg_unet")
+
+
+def robust_model(n_labels: int, n_groups: int = 5) -> tf.keras.Model:
+    """SynthSeg-robust: U-Net to coarse groups → "l2l" denoiser → "unet2" on image + groups."""
+    image = KL.Input(shape=[None, None, None, 1], name="unet_input")
+    x = unet(image, "unet", n_groups)
+    x = _one_hot_of_argmax(x, n_groups, "stage1")
+    x = unet(x, "l2l", n_groups, conv_size=5, n_features=16, skip_n=2)
+    x = _one_hot_of_argmax(x, n_groups, "stage2")
+    if n_groups <= 2:
+        x = KL.Lambda(lambda t: t[..., 1:], name="stage2_drop_bg")(x)
+    x = KL.Lambda(lambda t: tf.cast(tf.concat(t, axis=-1), "float32"), name="stage2_concat")([image, x])
+    return tf.keras.Model(image, unet(x, "unet2", n_labels), name="synthseg_robust")
+
+
+def parc_model(n_labels: int = 69) -> tf.keras.Model:
+    """Cortical parcellation U-Net; input = image + one-hot cortex mask (3 channels)."""
+    x = KL.Input(shape=[None, None, None, 3], name="unet_parc_input")
+    return tf.keras.Model(x, unet(x, "unet_parc", n_labels), name="synthseg_parc")
+
+
+def qc_model(n_groups: int = 9, n_levels: int = 4, conv_size: int = 5, n_features: int = 24) -> tf.keras.Model:
+    """QC regressor: residual encoder on one-hot structure groups → one score per group.
+
+    Mirrors upstream's ``conv_enc(use_residuals=True)``: the last conv of a level has no
+    activation, a 5×5×5 "expand" conv matches the channel count of the shortcut, and the sum goes
+    through ReLU and BatchNorm; the final map is averaged over space inside the graph.
+    """
+    inp = KL.Input(shape=[None, None, None, n_groups], name="qc_input")
+    x = inp
+    for level in range(n_levels):
+        shortcut = x
+        feats = int(np.round(n_features * 2 ** level))
+        x = KL.Conv3D(feats, conv_size, padding="same", activation="relu", data_format="channels_last",
+                      dilation_rate=1, name=f"qc_conv_downarm_{level}_0")(x)
+        x = KL.Conv3D(feats, conv_size, padding="same", name=f"qc_conv_downarm_{level}_1")(x)
+        n_in, n_out = shortcut.shape[-1], x.shape[-1]
+        if n_in > 1 and n_out > 1 and n_in != n_out:
+            shortcut = KL.Conv3D(feats, conv_size, padding="same", activation="relu", data_format="channels_last",
+                                 dilation_rate=1, name=f"qc_expand_down_merge_{level}")(shortcut)
+        x = KL.add([shortcut, x], name=f"qc_res_down_merge_{level}")
+        x = KL.Activation("relu", name=f"qc_res_down_merge_act_{level}")(x)
+        x = KL.BatchNormalization(axis=-1, name=f"qc_bn_down_{level}")(x)
+        if level < n_levels - 1:
+            x = KL.MaxPooling3D(pool_size=(2, 2, 2), padding="same", name=f"qc_maxpool_{level}")(x)
+    x = KL.MaxPool3D(pool_size=(2, 2, 2), padding="same", name="qc_maxpool_3")(x)
+    for k in range(2):
+        x = KL.Conv3D(n_groups, kernel_size=conv_size, padding="same", activation="relu",
+                      data_format="channels_last", name=f"qc_final_conv_{k}")(x)
+    score = KL.Lambda(lambda t: tf.reduce_mean(t, axis=[1, 2, 3]), name="qc_final_pred")(x)
+    return tf.keras.Model(inp, score, name="synthseg_qc")
+
+
+class ArgmaxLabels:
+    """TensorFlow's argmax over channels (not numpy's), mapped through a lookup table.
+
+    Upstream takes these hard decisions inside its graph; using the same op guarantees the same
+    winner wherever two posteriors tie.
+    """
+
+    def __init__(self, lut: np.ndarray):
+        table = tf.constant(lut.astype(np.int32))
+        self.fn = tf.function(lambda x: tf.gather(table, tf.cast(tf.argmax(x, axis=-1), "int32")),
+                              input_signature=[tf.TensorSpec([1, None, None, None, None], tf.float32)])
+
+    def __call__(self, post: np.ndarray) -> np.ndarray:
+        return self.fn(post).numpy()
+
+
+class ChannelBlur:
+    """Gaussian smoothing of posteriors, one channel at a time, in place.
+
+    Upstream convolves each channel separately inside its graph; running the very same conv3d per
+    channel outside the graph gives the same bits while holding one channel, not three copies of
+    all 33, in memory.
+    """
+
+    def __init__(self, sigma: float):
+        kernel = blur_kernel(sigma)
+        self.fn = tf.function(
+            lambda x: tf.nn.conv3d(x, kernel, [1] * 5, "SAME"),
+            input_signature=[tf.TensorSpec([1, None, None, None, 1], tf.float32)])
+
+    def __call__(self, post: np.ndarray) -> np.ndarray:
+        for c in range(post.shape[-1]):
+            post[..., c] = self.fn(np.ascontiguousarray(post[..., c:c + 1])).numpy()[..., 0]
+        return post
+
+
+def average_flipped(post: np.ndarray, post_flipped: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """0.5 · (P + swap(flip_x(P'))), computed in place in ``post`` channel by channel.
+
+    The flipped prediction's left channels describe the right hemisphere, hence the swap.
+    Float32 add then multiply, exactly like upstream's in-graph average.
+    """
+    back = post_flipped[:, ::-1]
+    for c in range(post.shape[-1]):
+        post[..., c] += back[..., int(flip[c])]
+    post *= np.float32(0.5)
+    return post
+
+
+def weighted_layers(model: tf.keras.Model) -> dict[str, tf.keras.layers.Layer]:
+    """All layers holding weights, by name, looking inside nested models."""
+    found: dict[str, tf.keras.layers.Layer] = {}
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.Model):
+            found.update(weighted_layers(layer))
+        elif layer.weights:
+            found[layer.name] = layer
+    return found

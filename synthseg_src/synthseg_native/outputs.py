@@ -1,0 +1,132 @@
+"""Which files a run reads and writes, following upstream's rules for --i and the output flags.
+
+``--i`` may be one image, a folder of images, or a ``.txt`` list; every output flag must then be of
+the matching kind (a file or folder, a folder, a ``.txt`` list). Volume and QC tables are one shared
+CSV for a file or folder input and one CSV per subject for a ``.txt`` list.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+
+from .io import IMAGE_EXTENSIONS, image_extension
+
+
+class UsageError(Exception):
+    """Inconsistent flags or paths, detected before any work is done."""
+
+
+@dataclass
+class Plan:
+    images: list[str]
+    seg: list[str]
+    post: list[str | None]
+    resample: list[str | None]
+    vol: list[str | None]
+    qc: list[str | None]
+    shared_csv: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _has_image_ext(path: str) -> bool:
+    return any(ext in os.path.basename(path) for ext in IMAGE_EXTENSIONS)
+
+
+def _read_list(path: str, what: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: {what} list file does not exist")
+    with open(path) as fh:
+        return [line.rstrip("\r\n") for line in fh if line.strip()]
+
+
+def _suffixed(path: str, suffix: str) -> str:
+    """Upstream inserts the suffix before '.nii' or '.mgz' (``a.nii.gz`` → ``a_synthseg.nii.gz``)."""
+    return path.replace(".nii", f"_{suffix}.nii").replace(".mgz", f"_{suffix}.mgz")
+
+
+def plan_outputs(i: str, o: str, post: str | None = None, resample: str | None = None,
+                 vol: str | None = None, qc: str | None = None) -> Plan:
+    if not i:
+        raise UsageError("please specify an input file, folder or .txt list (--i)")
+    if not o:
+        raise UsageError("please specify an output file or folder (--o)")
+    i = os.path.abspath(i)
+    outs = {"--o": o, "--post": post, "--resample": resample, "--vol": vol, "--qc": qc}
+    outs = {k: (os.path.abspath(v) if v else None) for k, v in outs.items()}
+    notes: list[str] = []
+
+    if os.path.basename(i).endswith(".txt"):
+        images = _read_list(i, "input")
+        if not images:
+            raise UsageError(f"{i}: input list is empty")
+        lists: dict[str, list[str | None]] = {}
+        for flag, path in outs.items():
+            if path is None:
+                lists[flag] = [None] * len(images)
+                continue
+            if not path.endswith(".txt"):
+                raise UsageError(f"{flag} must be a .txt list when --i is a .txt list (got {path})")
+            entries = _read_list(path, flag)
+            if len(entries) != len(images):
+                raise UsageError(f"{flag} list {path} has {len(entries)} entries, --i has {len(images)}")
+            lists[flag] = [os.path.abspath(e) for e in entries]
+        images = [os.path.abspath(p) for p in images]
+        return Plan(images, lists["--o"], lists["--post"], lists["--resample"], lists["--vol"],  # type: ignore
+                    lists["--qc"], shared_csv=False, notes=notes)
+
+    for flag, path in outs.items():
+        if path is not None and path.endswith(".txt"):
+            raise UsageError(f"{flag} can only be a .txt list when --i is a .txt list (got {path})")
+
+    if not _has_image_ext(i):
+        if os.path.isfile(i):
+            raise UsageError(f"{i}: unsupported extension (use .nii, .nii.gz, .mgz, a folder or a .txt list)")
+        if not os.path.isdir(i):
+            raise UsageError(f"{i}: input folder does not exist")
+        images = sorted(glob.glob(os.path.join(glob.escape(i), "*nii.gz"))
+                        + glob.glob(os.path.join(glob.escape(i), "*nii"))
+                        + glob.glob(os.path.join(glob.escape(i), "*.mgz")))
+        images = [p for p in images if os.path.isfile(p)]
+        if not images:
+            raise UsageError(f"{i}: no .nii, .nii.gz or .mgz image found in this folder")
+
+        def folder(flag: str, suffix: str) -> list[str | None]:
+            path = outs[flag]
+            if path is None:
+                return [None] * len(images)
+            if _has_image_ext(path):
+                raise UsageError(f"{flag} must be a folder when --i is a folder (got {path})")
+            return [_suffixed(os.path.join(path, os.path.basename(p)), suffix) for p in images]
+
+        seg = folder("--o", "synthseg")
+        return Plan(images, seg, folder("--post", "posteriors"),  # type: ignore[arg-type]
+                    folder("--resample", "resampled"), _csv(outs["--vol"], len(images), notes, "--vol"),
+                    _csv(outs["--qc"], len(images), notes, "--qc"), shared_csv=True, notes=notes)
+
+    if not os.path.isfile(i):
+        raise UsageError(f"{i}: input file does not exist")
+    if image_extension(i) is None:
+        raise UsageError(f"{i}: unsupported extension (use .nii, .nii.gz or .mgz)")
+
+    def single(flag: str, suffix: str) -> str | None:
+        path = outs[flag]
+        if path is None:
+            return None
+        if not _has_image_ext(path):
+            return os.path.join(path, _suffixed(os.path.basename(i), suffix))
+        return path
+
+    return Plan([i], [single("--o", "synthseg")], [single("--post", "posteriors")],  # type: ignore[list-item]
+                [single("--resample", "resampled")], _csv(outs["--vol"], 1, notes, "--vol"),
+                _csv(outs["--qc"], 1, notes, "--qc"), shared_csv=True, notes=notes)
+
+
+def _csv(path: str | None, n: int, notes: list[str], flag: str) -> list[str | None]:
+    if path is None:
+        return [None] * n
+    if not path.endswith(".csv"):
+        notes.append(f"{flag} given without .csv extension; writing {path}.csv")
+        path += ".csv"
+    return [path] * n

@@ -1,0 +1,95 @@
+"""Image → network input: dimension checks, 1 mm resampling, RAS alignment, crop, rescale, pad.
+
+The order and arithmetic follow upstream's ``predict_synthseg.preprocess``; intensities stay
+float64 until the very end, as upstream's do, so that the float32 network input is the same bits.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import geometry
+from .io import InputError, LoadedImage
+
+N_LEVELS = 5
+TARGET_RES = 1.0
+
+
+@dataclass
+class Prepared:
+    """The network input and what post-processing needs to put the result back in place."""
+
+    image: np.ndarray            # (1, X, Y, Z, 1) float32, RAS, padded
+    affine: np.ndarray           # affine of the (possibly resampled) input grid
+    header: object
+    resolution: np.ndarray       # voxel size used for volumes (1 mm after resampling)
+    shape: list[int]             # RAS-aligned shape before crop/pad
+    pad_idx: np.ndarray
+    crop_idx: np.ndarray | None
+    resampled: np.ndarray | None  # the resampled image, when resampling happened
+
+
+def _to_3d(img: LoadedImage, path: str) -> tuple[np.ndarray, int]:
+    data, n_dims, n_channels = img.data, img.n_dims, img.n_channels
+    if n_dims == 2 and 1 < n_channels < 4:
+        raise InputError(f"{path}: either 2D with several channels or 3D with at most 3 slices "
+                         f"(shape {data.shape}); results would be meaningless")
+    if n_dims == 2 and 3 < n_channels < 11:
+        print(f"[WARN] {path}: input with very few slices (shape {data.shape})", file=sys.stderr)
+        return data, 3
+    if n_dims < 3:
+        raise InputError(f"{path}: input should have 3 dimensions, has {n_dims} (shape {data.shape})")
+    if n_dims == 4 and n_channels == 1:
+        print(f"[WARN] {path}: 4D input, keeping the first frame", file=sys.stderr)
+        return data[..., 0], 3
+    if n_dims > 3:
+        raise InputError(f"{path}: input should have 3 dimensions, has {n_dims} (shape {data.shape})")
+    if n_channels > 1:
+        print(f"[WARN] {path}: {n_channels} channels, keeping the first", file=sys.stderr)
+        return data[..., 0], 3
+    return data, 3
+
+
+def preprocess(img: LoadedImage, path: str, crop: list[int] | None = None, ct: bool = False,
+               min_pad: list[int] | None = None) -> Prepared:
+    data, n_dims = _to_3d(img, path)
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{path}: image contains NaN or infinite values")
+    affine, res = img.affine, img.resolution
+    target = np.squeeze(np.round(np.tile(np.array([TARGET_RES] * n_dims), (1, 1)), 3))
+    resampled = None
+    if np.any((res > target + 0.05) | (res < target - 0.05)):
+        res = target
+        data, affine = geometry.resample_to(data, affine, res)
+        resampled = data
+    data = geometry.align_to(data, affine, np.eye(4), n_dims)
+    shape = list(data.shape[:n_dims])
+
+    crop_idx = None
+    if crop is not None:
+        crop_shape = [geometry.round_up(s, 2 ** N_LEVELS) for s in crop]
+        data, crop_idx = geometry.centre_crop(data, crop_shape)
+
+    if ct:
+        data = np.clip(data, 0, 80)
+    data = _rescale(data)
+
+    pad_shape = [geometry.round_up(s, 2 ** N_LEVELS) for s in data.shape[:n_dims]]
+    min_pad = [geometry.round_up(s, 2 ** N_LEVELS) for s in (min_pad or [128] * 3)]
+    data, pad_idx = geometry.centre_pad(data, np.maximum(pad_shape, min_pad))
+    image = data[np.newaxis, ..., np.newaxis].astype(np.float32)
+    return Prepared(image, affine, img.header, res, shape, pad_idx, crop_idx, resampled)
+
+
+def _rescale(volume: np.ndarray) -> np.ndarray:
+    """Map the 0.5–99.5 percentile range to [0, 1] after clipping, exactly as upstream's rescale."""
+    flat = volume.flatten()
+    lo = np.percentile(flat, 0.5)
+    hi = np.percentile(flat, 99.5)
+    clipped = np.clip(volume.copy(), lo, hi)
+    if lo != hi:
+        return 0.0 + (clipped - lo) / (hi - lo) * (1.0 - 0.0)
+    return np.zeros_like(clipped)

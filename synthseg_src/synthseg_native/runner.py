@@ -1,0 +1,235 @@
+"""Runs a batch: builds the networks once, then load → preprocess → network → postprocess → write
+for every image, reporting a failing image and carrying on with the others.
+
+This is the only module that knows the order of the steps; each step lives in its own module.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import labels as L
+from . import qc as qc_heads
+from . import volumes as V
+from .io import InputError, load_image, save_image
+from .outputs import Plan
+from .postprocess import postprocess
+from .preprocess import preprocess
+from .weights import MODEL_FILES, WeightsError, assign, file_sha256, find_weights, read_weights
+
+SIGMA_POSTERIORS = 0.5  # upstream smooths the segmentation posteriors with this Gaussian
+
+
+@dataclass
+class Options:
+    """Upstream's flags plus ours; ``crop`` is per-axis, ``threads`` None means all cores."""
+
+    i: str
+    o: str
+    parc: bool = False
+    robust: bool = False
+    fast: bool = False
+    ct: bool = False
+    vol: str | None = None
+    qc: str | None = None
+    post: str | None = None
+    resample: str | None = None
+    crop: list[int] | None = None
+    threads: int | None = None
+    cpu: bool = False
+    v1: bool = False
+    models: str | None = None
+    bn: str = "auto"
+    profile: bool = False
+    debug: bool = False
+
+
+@dataclass
+class Timings:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+
+def log(tag: str, msg: str) -> None:
+    """One log line: [INFO], [RUN ], [SKIP], [DONE], [WARN] or [ERR] (errors and warnings on stderr)."""
+    stream = sys.stderr if tag in ("ERR", "WARN") else sys.stdout
+    print(f"[{'RUN ' if tag == 'RUN' else tag}] {msg}", file=stream, flush=True)
+
+
+class Predictor:
+    """Holds the built and loaded network so a batch pays for model construction once."""
+
+    def __init__(self, opts: Options, timings: Timings):
+        import tensorflow as tf  # noqa: F401  (imported here so --help stays fast)
+
+        from . import network
+        from .devices import is_metal_gpu
+
+        self.opts = opts
+        self.labels = L.LabelSet.build(opts.v1)
+        t0 = time.perf_counter()
+        self.bn = opts.bn if opts.bn != "auto" else ("unfused" if is_metal_gpu() else "fused")
+        key = "robust" if opts.robust else ("seg1" if opts.v1 else "seg2")
+        self.weight_paths = {key: find_weights(MODEL_FILES[key], opts.models)}
+        self.flip = None if (opts.fast or opts.robust) else self.labels.flip
+        with _batchnorm_form(self.bn):
+            if opts.robust:
+                self.model = network.robust_model(len(self.labels.labels), len(L.denoiser_groups()))
+            else:
+                self.model = network.unet_model(len(self.labels.labels))
+        self.blur = None if opts.robust else network.ChannelBlur(SIGMA_POSTERIORS)
+        self._average = network.average_flipped
+        path = self.weight_paths[key]
+        assign(self.model, read_weights(path), path)
+        self.channels = network.ArgmaxLabels(np.arange(len(self.labels.labels)))
+        self.parc_model = self.qc_model = None
+        if opts.parc:
+            self.parc_model = self._load("parc", network.parc_model(len(L.parcellation_labels())))
+            self.parc_blur = network.ChannelBlur(SIGMA_POSTERIORS)
+        if opts.qc:
+            self.qc_model = self._load("qc", network.qc_model(len(np.unique(self.labels.qc_groups))))
+        timings.add("load_weights", time.perf_counter() - t0)
+
+    def _load(self, key: str, model):
+        from .weights import MODEL_FILES as files
+
+        path = find_weights(files[key], self.opts.models)
+        self.weight_paths[key] = path
+        assign(model, read_weights(path), path)
+        return model
+
+    def weights_digest(self) -> dict[str, str]:
+        return {os.path.basename(p): file_sha256(p) for p in self.weight_paths.values()}
+
+    def _posteriors(self, image: np.ndarray) -> np.ndarray:
+        post = self.model.predict(image, verbose=0)
+        return self.blur(post) if self.blur is not None else post
+
+    def predict(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Segmentation posteriors on the padded grid, (1, X, Y, Z, labels) float32, then the
+        parcellation posteriors and QC scores when requested."""
+        post = self._posteriors(image)
+        if self.flip is not None:
+            flipped = self._posteriors(np.ascontiguousarray(image[:, ::-1]))
+            post = self._average(post, flipped, self.flip)
+        post_parc = qc_scores = None
+        if self.parc_model is not None or self.qc_model is not None:
+            channels = self.channels(post)
+            if self.parc_model is not None:
+                cortex = qc_heads.cortex_lut(self.labels)[channels]
+                post_parc = self.parc_model.predict(qc_heads.parc_input(image, cortex), verbose=0)
+                post_parc = self.parc_blur(post_parc)
+            if self.qc_model is not None:
+                qc_scores = self.qc_model.predict(qc_heads.qc_input(channels[0], self.labels), verbose=0)
+        return post, post_parc, qc_scores
+
+
+class _batchnorm_form:
+    """Context that builds Keras BatchNorm layers in the requested (fused/unfused) form."""
+
+    def __init__(self, form: str):
+        self.form = form
+        self.ctx = None
+
+    def __enter__(self):
+        if self.form == "unfused":
+            from .patches import unfused_batchnorm
+            self.ctx = unfused_batchnorm()
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
+    """Segment every image of ``plan``; returns the process exit status."""
+    timings = Timings()
+    for note in plan.notes:
+        log("INFO", note)
+    try:
+        predictor = predictor or Predictor(opts, timings)
+    except WeightsError as exc:
+        log("ERR", str(exc))
+        return 1
+    label_set = predictor.labels
+    vol_table = qc_table = None
+    if plan.shared_csv and plan.vol[0] is not None:
+        vol_table = V.CsvTable(plan.vol[0], V.volume_columns(label_set, opts.parc), shared=True)
+    if plan.shared_csv and plan.qc[0] is not None:
+        qc_table = V.CsvTable(plan.qc[0], V.qc_columns(label_set), shared=True)
+
+    failed: list[str] = []
+    n = len(plan.images)
+    for k, path in enumerate(plan.images):
+        t_start = time.perf_counter()
+        log("RUN", f"{k + 1}/{n} {path}")
+        try:
+            _one(opts, plan, k, predictor, timings, vol_table, qc_table)
+        except (InputError, OSError, ValueError, MemoryError) as exc:
+            failed.append(path)
+            msg = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
+            log("ERR", msg)
+            if opts.debug:
+                traceback.print_exc()
+            continue
+        log("DONE", f"{path} -> {plan.seg[k]} ({time.perf_counter() - t_start:.1f} s)")
+    if opts.profile:
+        for stage, sec in timings.stages.items():
+            log("INFO", f"profile {stage}: {sec:.3f} s")
+    if failed:
+        log("ERR", f"{len(failed)} of {n} image(s) failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timings,
+         vol_table: V.CsvTable | None, qc_table: V.CsvTable | None) -> None:
+    path = plan.images[k]
+    label_set = predictor.labels
+    t0 = time.perf_counter()
+    img = load_image(path)
+    prep = preprocess(img, path, crop=opts.crop, ct=opts.ct, min_pad=opts.crop)
+    if plan.resample[k] is not None:
+        if prep.resampled is not None:
+            save_image(prep.resampled, prep.affine, prep.header, plan.resample[k])
+        else:
+            log("INFO", f"{path}: already at 1 mm, no resampled image written")
+    t1 = time.perf_counter()
+    timings.add("preprocess", t1 - t0)
+    post_seg, post_parc, qc_scores = predictor.predict(prep.image)
+    t2 = time.perf_counter()
+    timings.add("network", t2 - t1)
+    labels_parc = L.parcellation_labels() if post_parc is not None else None
+    result = postprocess(post_seg, post_parc, prep.shape, prep.pad_idx, prep.crop_idx, label_set.labels,
+                         labels_parc, prep.affine, prep.resolution, opts.fast or opts.robust,
+                         label_set.topology, opts.v1)
+    del post_seg, post_parc
+    t3 = time.perf_counter()
+    timings.add("postprocess", t3 - t2)
+    save_image(result.segmentation, prep.affine, prep.header, plan.seg[k], dtype="int32")
+    if plan.post[k] is not None:
+        save_image(result.posteriors, prep.affine, prep.header, plan.post[k], dtype="float32")
+    if plan.vol[k] is not None:
+        row = V.volume_row(path, result.volumes)
+        if vol_table is not None:
+            vol_table.add(row)
+        else:
+            V.CsvTable(plan.vol[k], V.volume_columns(label_set, opts.parc), shared=False).add(row)
+    if plan.qc[k] is not None and qc_scores is not None:
+        row = V.qc_row(path, qc_scores)
+        if qc_table is not None:
+            qc_table.add(row)
+        else:
+            V.CsvTable(plan.qc[k], V.qc_columns(label_set), shared=False).add(row)
+    timings.add("write", time.perf_counter() - t3)

@@ -1,0 +1,146 @@
+"""Official SynthSeg weight files: where to find them and how to read them without Keras' loader.
+
+Reading the HDF5 file ourselves (h5py) keeps loading identical across Keras versions (Keras 2 and 3
+match layers by name differently) and lets a missing or misshaped layer fail with a message that
+names it, instead of being skipped silently as ``load_weights(by_name=True)`` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+MODEL_FILES = {
+    "seg2": "synthseg_2.0.h5",
+    "seg1": "synthseg_1.0.h5",
+    "parc": "synthseg_parc_2.0.h5",
+    "robust": "synthseg_robust_2.0.h5",
+    "qc": "synthseg_qc_2.0.h5",
+}
+OFFICIAL_SOURCE = ("FreeSurfer >= 7.3 ships them in $FREESURFER_HOME/models; otherwise download them from the "
+                   "link in the SynthSeg repository README (github.com/BBillot/SynthSeg) and pass --models DIR")
+
+# Keras' per-layer weight order, which is also the order of the arrays set on our layers.
+_ORDER = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
+
+
+class WeightsError(Exception):
+    """Weights missing, unreadable, or not matching the network."""
+
+
+def search_dirs(models_dir: str | None = None) -> list[tuple[str, Path]]:
+    """Candidate folders in priority order, each with the reason it is searched."""
+    dirs: list[tuple[str, Path]] = []
+    if models_dir:
+        dirs.append(("--models", Path(models_dir)))
+    if os.environ.get("SYNTHSEG_MODELS"):
+        dirs.append(("$SYNTHSEG_MODELS", Path(os.environ["SYNTHSEG_MODELS"])))
+    dirs.append(("./models", Path.cwd() / "models"))
+    if os.environ.get("FREESURFER_HOME"):
+        dirs.append(("$FREESURFER_HOME/models", Path(os.environ["FREESURFER_HOME"]) / "models"))
+    if os.environ.get("SYNTHSEG_HOME"):
+        dirs.append(("$SYNTHSEG_HOME/models", Path(os.environ["SYNTHSEG_HOME"]) / "models"))
+    return dirs
+
+
+def find_weights(filename: str, models_dir: str | None = None) -> Path:
+    """First existing ``filename`` along the search order; the error lists every place tried."""
+    tried = []
+    for why, folder in search_dirs(models_dir):
+        candidate = folder / filename
+        if candidate.is_file():
+            return candidate
+        tried.append(f"{candidate} ({why})")
+    raise WeightsError(f"weights file {filename} not found; searched: {'; '.join(tried)}. "
+                       f"Official weights are not distributed with this toolkit: {OFFICIAL_SOURCE}")
+
+
+def _names(attr) -> list[str]:
+    return [n.decode("utf8") if isinstance(n, bytes) else str(n) for n in attr]
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """All arrays of a Keras HDF5 file as {layer: {kind: array}}, for both Keras layouts.
+
+    ``model.save`` puts the layer groups under ``model_weights/``; ``save_weights`` puts them at the
+    root. Layer names come from each weight's stored name (``layer/kernel:0``), so nested models
+    (a group holding several layers) are flattened too.
+    """
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise WeightsError(f"{path}: not a readable HDF5 weights file ({exc})") from exc
+    with f:
+        root = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
+        if "layer_names" not in root.attrs:
+            raise WeightsError(f"{path}: no Keras layer table (attribute 'layer_names') found")
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for group_name in _names(root.attrs["layer_names"]):
+            group = root[group_name]
+            for weight_name in _names(group.attrs.get("weight_names", [])):
+                parts = weight_name.split("/")
+                layer = parts[-2] if len(parts) >= 2 else group_name
+                kind = parts[-1].split(":")[0]
+                out.setdefault(layer, {})[kind] = np.asarray(group[weight_name])
+    return out
+
+
+def assign(model, arrays: dict[str, dict[str, np.ndarray]], path: str | os.PathLike,
+           prefixes: tuple[str, ...] | None = None) -> int:
+    """Set every weighted layer of ``model`` (optionally only those with a given prefix).
+
+    Returns the number of layers set; raises naming the first layer that is missing or misshaped.
+    """
+    from .network import weighted_layers
+
+    count = 0
+    for name, layer in weighted_layers(model).items():
+        if prefixes is not None and not name.startswith(prefixes):
+            continue
+        if name not in arrays:
+            raise WeightsError(f"{path}: layer '{name}' is missing from the weights file")
+        stored = arrays[name]
+        values = []
+        for w in layer.weights:
+            kind = w.name.split("/")[-1].split(":")[0]
+            if kind not in stored:
+                raise WeightsError(f"{path}: layer '{name}' has no '{kind}' weights")
+            if tuple(stored[kind].shape) != tuple(w.shape):
+                raise WeightsError(f"{path}: layer '{name}' {kind} has shape {tuple(stored[kind].shape)}, "
+                                   f"the network expects {tuple(w.shape)}")
+            values.append(stored[kind])
+        layer.set_weights(values)
+        count += 1
+    return count
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_weights(path: str | os.PathLike, layers: dict[str, dict[str, np.ndarray]],
+                  layout: str = "model") -> None:
+    """Write arrays in Keras 2's HDF5 layout (``model``: under model_weights/, ``weights``: at the root)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.15.0"
+        root = f.create_group("model_weights") if layout == "model" else f
+        if layout == "model":
+            root.attrs["backend"] = b"tensorflow"
+            root.attrs["keras_version"] = b"2.15.0"
+        root.attrs["layer_names"] = np.array([n.encode("utf8") for n in layers])
+        for name, kinds in layers.items():
+            group = root.create_group(name)
+            ordered = [k for k in _ORDER if k in kinds] + [k for k in kinds if k not in _ORDER]
+            weight_names = [f"{name}/{k}:0" for k in ordered]
+            group.attrs["weight_names"] = np.array([w.encode("utf8") for w in weight_names])
+            for k, wn in zip(ordered, weight_names):
+                group.create_dataset(wn, data=np.asarray(kinds[k], dtype=np.float32))

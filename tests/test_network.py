@@ -1,0 +1,121 @@
+"""Network graph: BatchNorm form, upstream layer names, and the Gaussian blur kernel."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from synthseg_native import network
+from synthseg_native.patches import graph_op_types, unfused_batchnorm
+
+
+def traced_ops(model) -> list[str]:
+    fn = tf.function(lambda x: model(x, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec([1, 32, 32, 32, 1], tf.float32))
+    return sorted(graph_op_types(concrete))
+
+
+def op_counts(model) -> dict[str, int]:
+    fn = tf.function(lambda x: model(x, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec([1, 32, 32, 32, 1], tf.float32))
+    counts: dict[str, int] = {}
+    for fdef in [concrete.graph.as_graph_def()]:
+        nodes = list(fdef.node) + [n for f in fdef.library.function for n in f.node_def]
+        for n in nodes:
+            counts[n.op] = counts.get(n.op, 0) + 1
+    return counts
+
+
+def test_fused_model_uses_fused_batchnorm():
+    counts = op_counts(network.unet_model(33))
+    assert counts.get("FusedBatchNormV3") == 9  # one per level: 5 encoder + 4 decoder
+    assert counts.get("Conv3D") == 19  # 2 per level (18) + the 1x1x1 likelihood
+    assert counts.get("MaxPool3D") == 4
+
+
+def test_unfused_model_has_no_fused_batchnorm():
+    with unfused_batchnorm():
+        model = network.unet_model(33)
+    ops = traced_ops(model)
+    assert "FusedBatchNormV3" not in ops and "Rsqrt" in ops
+    fused = network.unet_model(33)
+    fused.set_weights(model.get_weights())
+    x = np.random.RandomState(0).rand(1, 32, 32, 32, 1).astype(np.float32)
+    np.testing.assert_allclose(model(x).numpy(), fused(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.skipif(not os.environ.get("SYNTHSEG_HOME"), reason="needs an upstream checkout in SYNTHSEG_HOME")
+def test_fused_graph_matches_upstream_keras_model():
+    """Same op sequence as upstream's own U-Net (run locally with SYNTHSEG_HOME set)."""
+    import sys
+
+    from synthseg_native.patches import apply_numpy_alias_shim
+
+    apply_numpy_alias_shim()
+    sys.path.insert(0, os.environ["SYNTHSEG_HOME"])
+    from ext.neuron import models as nrn
+
+    theirs = nrn.unet(input_shape=[None, None, None, 1], nb_labels=33, nb_levels=5, nb_conv_per_level=2,
+                      conv_size=3, nb_features=24, feat_mult=2, activation="elu", batch_norm=-1, name="unet")
+    assert op_sequence(network.unet_model(33)) == op_sequence(theirs)
+
+
+def op_sequence(model) -> list[str]:
+    fn = tf.function(lambda x: model(x, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec([1, 32, 32, 32, 1], tf.float32))
+    graph = concrete.graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    return [n.op for n in nodes if n.op not in ("Placeholder", "Identity", "NoOp", "ReadVariableOp")]
+
+
+def test_channel_blur_matches_in_graph_blur():
+    """Per-channel blur outside the graph equals upstream-style concat of per-channel convs."""
+    post = np.random.RandomState(2).rand(1, 16, 16, 16, 5).astype(np.float32)
+    kernel = network.blur_kernel(0.5)
+    ref = tf.concat([tf.nn.conv3d(tf.expand_dims(post[..., n], -1), kernel, [1] * 5, "SAME")
+                     for n in range(5)], -1).numpy()
+    out = network.ChannelBlur(0.5)(post.copy())
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_average_flipped_swaps_channels():
+    a = np.zeros((1, 4, 2, 2, 3), np.float32)
+    b = np.zeros_like(a)
+    b[0, 0, ..., 1] = 1.0  # channel 1 at the first x of the flipped prediction
+    out = network.average_flipped(a, b, np.array([0, 2, 1]))
+    assert out[0, 3, 0, 0, 2] == 0.5 and out.sum() == 0.5 * 4
+
+
+def test_layer_names_follow_upstream():
+    model = network.unet_model(33)
+    names = set(network.weighted_layers(model))
+    expected = {f"unet_conv_downarm_{lvl}_{c}" for lvl in range(5) for c in range(2)}
+    expected |= {f"unet_conv_uparm_{5 + lvl}_{c}" for lvl in range(4) for c in range(2)}
+    expected |= {f"unet_bn_down_{lvl}" for lvl in range(5)} | {f"unet_bn_up_{lvl}" for lvl in range(4)}
+    expected |= {"unet_likelihood"}
+    assert names == expected
+
+
+def test_robust_model_stages():
+    model = network.robust_model(33, n_groups=5)
+    names = set(network.weighted_layers(model))
+    assert {"unet_likelihood", "l2l_likelihood", "unet2_likelihood"} <= names
+    l2l = model.get_layer("l2l_conv_downarm_0_0")
+    assert l2l.kernel.shape == (5, 5, 5, 5, 16)
+    assert model.get_layer("unet2_conv_downarm_0_0").kernel.shape == (3, 3, 3, 6, 24)
+    # upstream's skip_n_concatenations=2 drops the skips of the two *top* (full and 1/2 resolution)
+    # decoder levels; the deeper ones keep theirs
+    names = [lyr.name for lyr in model.layers]
+    assert "l2l_merge_5" in names and "l2l_merge_6" in names
+    assert "l2l_merge_7" not in names and "l2l_merge_8" not in names
+
+
+def test_blur_kernel_is_normalised_gaussian():
+    k = network.blur_kernel(0.5).numpy()[..., 0, 0]
+    assert k.shape == (3, 3, 3)
+    assert abs(k.sum() - 1) < 1e-6 and k[1, 1, 1] == k.max()
+    ratio = k[1, 1, 0] / k[1, 1, 1]
+    assert abs(ratio - np.exp(-2.0)) < 1e-6

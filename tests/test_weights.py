@@ -1,0 +1,91 @@
+"""HDF5 weight files: both Keras layouts, clear errors, and the search order."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from synthseg_native import network
+from synthseg_native.weights import WeightsError, assign, find_weights, read_weights, write_weights
+
+
+def tiny_model() -> tf.keras.Model:
+    inp = tf.keras.layers.Input(shape=[None, None, None, 1])
+    return tf.keras.Model(inp, network.unet(inp, "unet", 4, n_features=2, n_levels=2))
+
+
+def arrays_of(model, rng) -> dict:
+    return {name: {w.name.split("/")[-1].split(":")[0]: rng.normal(size=w.shape).astype(np.float32)
+                   for w in layer.weights}
+            for name, layer in network.weighted_layers(model).items()}
+
+
+@pytest.mark.parametrize("layout", ["model", "weights"])
+def test_round_trip_both_layouts(tmp_path, layout):
+    model = tiny_model()
+    arrays = arrays_of(model, np.random.RandomState(0))
+    path = tmp_path / "w.h5"
+    write_weights(path, arrays, layout=layout)
+    with h5py.File(path) as f:
+        assert ("model_weights" in f) is (layout == "model")
+    loaded = read_weights(path)
+    assert loaded.keys() == arrays.keys()
+    assert assign(model, loaded, path) == len(arrays)
+    for name, layer in network.weighted_layers(model).items():
+        for w in layer.weights:
+            kind = w.name.split("/")[-1].split(":")[0]
+            np.testing.assert_array_equal(w.numpy(), arrays[name][kind])
+
+
+def test_keras_reads_our_files_like_official_ones(tmp_path):
+    """Upstream loads with Keras' by-name loader: our layout must satisfy it too."""
+    model = tiny_model()
+    arrays = arrays_of(model, np.random.RandomState(1))
+    path = tmp_path / "w.h5"
+    write_weights(path, arrays)
+    other = tiny_model()
+    other.load_weights(str(path), by_name=True)
+    bn = other.get_layer("unet_bn_down_0")
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), arrays["unet_bn_down_0"]["moving_variance"])
+
+
+def test_missing_layer_is_named(tmp_path):
+    model = tiny_model()
+    arrays = arrays_of(model, np.random.RandomState(0))
+    del arrays["unet_conv_uparm_2_1"]
+    write_weights(tmp_path / "w.h5", arrays)
+    with pytest.raises(WeightsError, match="unet_conv_uparm_2_1.*missing"):
+        assign(model, read_weights(tmp_path / "w.h5"), tmp_path / "w.h5")
+
+
+def test_wrong_shape_is_named(tmp_path):
+    model = tiny_model()
+    arrays = arrays_of(model, np.random.RandomState(0))
+    arrays["unet_likelihood"]["kernel"] = np.zeros((1, 1, 1, 2, 7), np.float32)
+    write_weights(tmp_path / "w.h5", arrays)
+    with pytest.raises(WeightsError, match=r"unet_likelihood.*\(1, 1, 1, 2, 7\).*\(1, 1, 1, 2, 4\)"):
+        assign(model, read_weights(tmp_path / "w.h5"), tmp_path / "w.h5")
+
+
+def test_corrupt_file(tmp_path):
+    bad = tmp_path / "synthseg_2.0.h5"
+    bad.write_bytes(b"\x89HDF\r\n garbage")
+    with pytest.raises(WeightsError, match="not a readable HDF5"):
+        read_weights(bad)
+
+
+def test_search_order(tmp_path, monkeypatch):
+    for d in ("cli", "env", "fs/models"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "synthseg_2.0.h5").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SYNTHSEG_MODELS", str(tmp_path / "env"))
+    monkeypatch.setenv("FREESURFER_HOME", str(tmp_path / "fs"))
+    assert find_weights("synthseg_2.0.h5", str(tmp_path / "cli")) == tmp_path / "cli" / "synthseg_2.0.h5"
+    assert find_weights("synthseg_2.0.h5") == tmp_path / "env" / "synthseg_2.0.h5"
+    monkeypatch.delenv("SYNTHSEG_MODELS")
+    assert find_weights("synthseg_2.0.h5") == tmp_path / "fs" / "models" / "synthseg_2.0.h5"
+    with pytest.raises(WeightsError, match="FREESURFER_HOME/models.*Official weights"):
+        find_weights("synthseg_qc_2.0.h5")
