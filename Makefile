@@ -6,12 +6,13 @@ SHELL := /usr/bin/env bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
+SHELL_SCRIPTS := scripts/*.sh .ci/run
 IN ?=
 OUT ?=
 FLAGS ?=
 THREADS ?=
 
-.PHONY: help setup test lint doctor clean demo run
+.PHONY: help setup test lint doctor clean demo run _need_shellcheck
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -22,16 +23,19 @@ setup: ## Build .venv for this platform (GPU=cuda on Linux; FORCE=1 rebuilds; PY
 $(STAMP): requirements-metal.txt pyproject.toml
 	@VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
 
-test: $(STAMP) ## Run pytest, ruff and shellcheck (builds the environment first if needed)
+test: _need_shellcheck $(STAMP) ## Run pytest, ruff and shellcheck (builds the environment first if needed)
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check synthseg_src tests
-	@command -v shellcheck >/dev/null || { echo "[ERR] shellcheck not found: apt-get install shellcheck (or brew install shellcheck)" >&2; exit 1; }
-	shellcheck scripts/*.sh .ci/run
+	shellcheck $(SHELL_SCRIPTS)
 
-lint: $(STAMP) ## ruff and shellcheck only
+lint: _need_shellcheck $(STAMP) ## ruff and shellcheck only
 	$(VENV)/bin/ruff check synthseg_src tests
-	@command -v shellcheck >/dev/null || { echo "[ERR] shellcheck not found: apt-get install shellcheck (or brew install shellcheck)" >&2; exit 1; }
-	shellcheck scripts/*.sh .ci/run
+	shellcheck $(SHELL_SCRIPTS)
+
+# make test/lint fail up front, with the fix, when shellcheck is missing (CI installs it in .ci/run).
+_need_shellcheck:
+	@command -v shellcheck >/dev/null 2>&1 || { echo "[ERR] shellcheck not found (make test and make lint need it): \
+	apt-get install shellcheck, or brew install shellcheck" >&2; exit 1; }
 
 doctor: $(STAMP) ## Versions, devices, and where Conv3D/BatchNorm really run
 	@$(PY) -m synthseg_native.devices

@@ -2,9 +2,12 @@
 # Shared helpers for the toolkit's shell scripts: log lines, project root, venv lookup.
 # Sourced, never executed. Keep logic in Python; these only translate conventions.
 
-# Project root: the directory that holds this scripts/ folder.
+# Project root: the directory that holds this scripts/ folder, whatever the caller's directory.
 PROJECT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PROJECT_ROOT
+
+# project_root: prints PROJECT_ROOT (for scripts that prefer a function to a global).
+project_root() { printf '%s\n' "${PROJECT_ROOT}"; }
 
 log_info() { printf '[INFO] %s\n' "$*"; }
 log_run() { printf '[RUN ] %s\n' "$*"; }

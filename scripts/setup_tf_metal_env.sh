@@ -7,6 +7,9 @@
 #
 # Knobs: PYTHON (interpreter 3.9-3.11), VENV (default .venv), GPU=cuda, FORCE=1 (rebuild),
 # DRY_RUN=1 (print the plan, install nothing), SETUP_UNAME_S / SETUP_UNAME_M (simulate a platform).
+# The environment is stamped with a hash of requirements-metal.txt, pyproject.toml, the platform and
+# the Python version: a second run with the same inputs only reports. Which packages a platform gets
+# is decided by the markers in requirements-metal.txt (see synthseg_native/platforms.py).
 set -euo pipefail
 
 # shellcheck source=scripts/_common.sh
@@ -14,21 +17,23 @@ source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 readonly TF_VERSION="2.15.1"
 readonly REQUIREMENTS="${PROJECT_ROOT}/requirements-metal.txt"
+readonly CONDA_ENV="synthseg-metal"
+readonly DRY="${DRY_RUN:-0}"
 
 uname_s="${SETUP_UNAME_S:-$(uname -s)}"
 uname_m="${SETUP_UNAME_M:-$(uname -m)}"
 gpu="${GPU:-}"
 
 case "${uname_s}-${uname_m}" in
-  Darwin-arm64) platform="darwin-arm64"; flavour="metal" ;;
-  Darwin-x86_64) platform="darwin-x86_64"; flavour="cpu" ;;
-  Linux-x86_64 | Linux-amd64) platform="linux-x86_64"; flavour="cpu" ;;
-  Linux-aarch64 | Linux-arm64) platform="linux-aarch64"; flavour="cpu" ;;
+  Darwin-arm64) platform="darwin-arm64" flavour="metal" ;;
+  Darwin-x86_64) platform="darwin-x86_64" flavour="cpu" ;;
+  Linux-x86_64 | Linux-amd64) platform="linux-x86_64" flavour="cpu" ;;
+  Linux-aarch64 | Linux-arm64) platform="linux-aarch64" flavour="cpu" ;;
   *) die "unsupported platform ${uname_s} ${uname_m}: supported are macOS arm64 (Metal), macOS x86_64 and Linux x86_64/aarch64" ;;
 esac
 if [[ -n "${gpu}" ]]; then
   [[ "${gpu}" == "cuda" ]] || die "GPU=${gpu} is not supported: use GPU=cuda (Linux) or leave GPU unset"
-  [[ "${platform}" == linux-* ]] || die "GPU=cuda needs Linux; on ${platform} the ${flavour} build is used"
+  [[ "${platform}" == linux-* ]] || die "GPU=cuda needs Linux; on ${platform} leave GPU unset (${flavour} build)"
   flavour="cuda"
 fi
 
@@ -41,94 +46,143 @@ supported() {
   case "$1" in 3.9 | 3.10 | 3.11) return 0 ;; *) return 1 ;; esac
 }
 
+# can_make_venv PY: Debian and Ubuntu ship the venv module (ensurepip) in a separate package.
+can_make_venv() {
+  "$1" -c 'import ensurepip, venv' >/dev/null 2>&1
+}
+
+# How to get a supported interpreter on this OS (one line, for [ERR] messages).
+install_hint() {
+  if [[ "${uname_s}" == Darwin ]]; then
+    printf "install one with 'brew install python@3.11' (or 'pyenv install 3.11')"
+  else
+    printf "install one with 'apt-get install python3.11 python3.11-venv' (Debian/Ubuntu) or 'pyenv install 3.11'"
+  fi
+  printf ', then run: PYTHON=/path/to/python3.11 make setup'
+}
+
+# find_conda_python: the python of the conda env CONDA_ENV, created with Python 3.11 if needed.
+find_conda_python() {
+  local conda_bin="$1" path
+  if [[ "${DRY}" == "1" ]]; then
+    log_info "no Python 3.9-3.11 found; would use ${conda_bin} env ${CONDA_ENV} (Python 3.11)" >&2
+    printf 'conda:%s\n' "${CONDA_ENV}"
+    return 0
+  fi
+  path="$("${conda_bin}" run -n "${CONDA_ENV}" python -c 'import sys; print(sys.executable)' 2>/dev/null | tail -n 1)" \
+    || path=""
+  if [[ -z "${path}" ]]; then
+    log_run "no Python 3.9-3.11 found; creating ${conda_bin} env ${CONDA_ENV} with Python 3.11" >&2
+    "${conda_bin}" create -y -q -n "${CONDA_ENV}" python=3.11 >&2 \
+      || die "'${conda_bin} create -n ${CONDA_ENV} python=3.11' failed; $(install_hint)"
+    path="$("${conda_bin}" run -n "${CONDA_ENV}" python -c 'import sys; print(sys.executable)' | tail -n 1)"
+  fi
+  supported "$(python_version "${path}")" || die "conda env ${CONDA_ENV} has no Python 3.9-3.11 (${path}); $(install_hint)"
+  printf '%s\n' "${path}"
+}
+
+# find_python: prints the interpreter to build the environment with, or exits with one [ERR] line.
 find_python() {
-  local candidate version
+  local candidate path version no_venv="" conda_bin
   if [[ -n "${PYTHON:-}" ]]; then
     version="$(python_version "${PYTHON}")"
-    [[ -n "${version}" ]] || die "PYTHON=${PYTHON} does not run; tensorflow ${TF_VERSION} needs Python 3.9-3.11"
-    supported "${version}" || die "PYTHON=${PYTHON} is Python ${version}; tensorflow ${TF_VERSION} needs Python 3.9-3.11"
+    [[ -n "${version}" ]] \
+      || die "PYTHON=${PYTHON} does not run as Python; tensorflow ${TF_VERSION} needs Python 3.9-3.11: $(install_hint)"
+    supported "${version}" \
+      || die "PYTHON=${PYTHON} is Python ${version}; tensorflow ${TF_VERSION} needs Python 3.9-3.11: $(install_hint)"
+    can_make_venv "${PYTHON}" \
+      || die "PYTHON=${PYTHON} (Python ${version}) cannot create virtual environments: apt-get install python${version}-venv"
     printf '%s\n' "${PYTHON}"
     return 0
   fi
   for candidate in python3.11 python3.10 python3.9 python3; do
-    command -v "${candidate}" >/dev/null 2>&1 || continue
-    version="$(python_version "${candidate}")"
+    path="$(command -v "${candidate}" 2>/dev/null)" || continue
+    version="$(python_version "${path}")"
     if [[ -n "${version}" ]] && supported "${version}"; then
-      command -v "${candidate}"
-      return 0
+      if can_make_venv "${path}"; then
+        printf '%s\n' "${path}"
+        return 0
+      fi
+      no_venv="${no_venv:-${path} is Python ${version} but cannot create virtual environments: apt-get install python${version}-venv}"
     fi
   done
-  local conda_bin
+  [[ -z "${no_venv}" ]] || die "${no_venv}"
   for conda_bin in mamba conda; do
     if command -v "${conda_bin}" >/dev/null 2>&1; then
-      log_info "no Python 3.9-3.11 found; creating conda env synthseg-metal with Python 3.11" >&2
-      if [[ "${DRY_RUN:-0}" != "1" ]]; then
-        "${conda_bin}" create -y -q -n synthseg-metal python=3.11 >&2
-        "${conda_bin}" run -n synthseg-metal python -c 'import sys; print(sys.executable)'
-      else
-        printf 'conda:synthseg-metal\n'
-      fi
+      find_conda_python "${conda_bin}"
       return 0
     fi
   done
-  die "no Python 3.9-3.11 found (tensorflow ${TF_VERSION} needs one): install it, e.g. 'brew install python@3.11' (macOS), 'apt-get install python3.11 python3.11-venv' (Debian/Ubuntu) or 'pyenv install 3.11', then re-run with PYTHON=/path/to/python3.11 make setup"
+  die "no Python 3.9-3.11 found (tensorflow ${TF_VERSION} needs one): $(install_hint)"
 }
 
 python_bin="$(find_python)"
 venv="${VENV:-${PROJECT_ROOT}/.venv}"
 [[ "${venv}" = /* ]] || venv="${PROJECT_ROOT}/${venv}"
+stamp="${venv}/.setup-stamp"
+packages=(-r "${REQUIREMENTS}")
+[[ "${flavour}" != "cuda" ]] || packages+=("tensorflow[and-cuda]==${TF_VERSION}")
+py_version="$(python_version "${python_bin}")"
 
-packages=("-r" "${REQUIREMENTS}")
-[[ "${flavour}" == "cuda" ]] && packages+=("tensorflow[and-cuda]==${TF_VERSION}")
+# The stamp: what the environment was built from. Any change means a rebuild.
+stamp_hash() {
+  local tool=(sha256sum)
+  command -v sha256sum >/dev/null 2>&1 || tool=(shasum -a 256)
+  { cat "${REQUIREMENTS}" "${PROJECT_ROOT}/pyproject.toml"
+    printf '%s %s %s\n' "${platform}" "${flavour}" "${py_version}"; } | "${tool[@]}" | cut -d' ' -f1
+}
+want="$(stamp_hash)"
+if [[ "${FORCE:-0}" == "1" ]]; then
+  action="rebuild"
+elif [[ -x "${venv}/bin/python" && -f "${stamp}" && "$(cat "${stamp}")" == "${want}" ]]; then
+  action="skip"
+elif [[ -x "${venv}/bin/python" && "$(python_version "${venv}/bin/python")" == "${py_version}" ]]; then
+  action="update"  # same interpreter: pip brings the pinned packages in line
+else
+  action="rebuild"
+fi
 
-log_info "platform ${platform} (${flavour}), Python ${python_bin}, environment ${venv}"
-if [[ "${DRY_RUN:-0}" == "1" ]]; then
-  printf 'PLAN platform=%s flavour=%s python=%s venv=%s\n' "${platform}" "${flavour}" "${python_bin}" "${venv}"
+log_info "platform ${platform} (${flavour}), Python ${py_version:-?} at ${python_bin}, environment ${venv}"
+if [[ "${DRY}" == "1" ]]; then
+  printf 'PLAN platform=%s flavour=%s python=%s version=%s venv=%s action=%s\n' "${platform}" "${flavour}" \
+    "${python_bin}" "${py_version:-?}" "${venv}" "${action}"
   printf 'PLAN install %s\n' "${packages[*]}"
-  "${python_bin}" - "${REQUIREMENTS}" "${platform}" <<'PY' 2>/dev/null || true
-import sys
-from packaging.markers import Marker
-from packaging.requirements import Requirement
-env = {"darwin-arm64": ("darwin", "arm64"), "darwin-x86_64": ("darwin", "x86_64"),
-       "linux-x86_64": ("linux", "x86_64"), "linux-aarch64": ("linux", "aarch64")}[sys.argv[2]]
-for line in open(sys.argv[1]):
-    line = line.split("#")[0].strip()
-    if not line:
-        continue
-    req = Requirement(line)
-    if req.marker is None or req.marker.evaluate({"sys_platform": env[0], "platform_machine": env[1]}):
-        print(f"PLAN package {req.name}{req.specifier}")
-PY
+  if [[ -n "${py_version}" ]]; then
+    PYTHONPATH="${PROJECT_ROOT}/synthseg_src" "${python_bin}" -m synthseg_native.platforms "${REQUIREMENTS}" \
+      "${platform}" --python "${py_version}" ${gpu:+--gpu "${gpu}"}
+  fi
   exit 0
 fi
 
-hash_inputs() {
-  local tool=(sha256sum)
-  command -v sha256sum >/dev/null 2>&1 || tool=(shasum -a 256)
-  { cat "${REQUIREMENTS}" "${PROJECT_ROOT}/pyproject.toml"; printf '%s %s %s\n' "${platform}" "${flavour}" \
-    "$(python_version "${python_bin}")"; } | "${tool[@]}" | cut -d' ' -f1
-}
-stamp="${venv}/.setup-stamp"
-want="$(hash_inputs)"
-
-if [[ "${FORCE:-0}" != "1" && -x "${venv}/bin/python" && -f "${stamp}" && "$(cat "${stamp}")" == "${want}" ]]; then
+if [[ "${action}" == "skip" ]]; then
+  touch "${stamp}"  # newer than its inputs again, so make's stamp rule stays quiet
   log_skip "environment ${venv} is up to date (FORCE=1 rebuilds)"
 else
-  [[ "${FORCE:-0}" == "1" && -d "${venv}" ]] && rm -rf "${venv}"
-  log_run "creating ${venv}"
-  "${python_bin}" -m venv "${venv}"
-  log_run "installing ${packages[*]}"
+  if [[ "${action}" == "rebuild" && -e "${venv}" ]]; then
+    [[ -f "${venv}/pyvenv.cfg" || -z "$(ls -A "${venv}")" ]] \
+      || die "VENV=${venv} exists and is not a virtual environment: remove it or choose another VENV"
+    log_run "removing ${venv}"
+    rm -rf "${venv}"
+  fi
+  rm -f "${stamp}"
+  if [[ ! -x "${venv}/bin/python" ]]; then
+    log_run "${python_bin} -m venv ${venv}"
+    "${python_bin}" -m venv "${venv}"
+  fi
+  log_run "pip install ${packages[*]} (a few minutes the first time)"
   "${venv}/bin/python" -m pip install --quiet --disable-pip-version-check "${packages[@]}"
+  log_run "pip install --no-deps -e ${PROJECT_ROOT}"
   "${venv}/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "${PROJECT_ROOT}"
-  printf '%s\n' "${want}" >"${stamp}"
+  printf '%s\n' "${want}" > "${stamp}"
   log_done "environment ready in ${venv}"
 fi
 
 if ! command -v hyperfine >/dev/null 2>&1; then
-  log_warn "hyperfine not found (make bench needs it): 'apt-get install hyperfine', 'brew install hyperfine' or 'cargo install hyperfine' (never 'pip install hyperfine': that PyPI package is an unrelated physics library)"
+  log_info "hyperfine not found (the benchmarks need it): 'apt-get install hyperfine', 'brew install hyperfine' or 'cargo install hyperfine' (never 'pip install hyperfine': that PyPI package is an unrelated physics library)"
 fi
 if ! command -v shellcheck >/dev/null 2>&1; then
-  log_warn "shellcheck not found (make test/lint need it): 'apt-get install shellcheck' or 'brew install shellcheck'"
+  log_info "shellcheck not found (make test and make lint need it): 'apt-get install shellcheck' or 'brew install shellcheck'"
 fi
 
+log_info "device report (make doctor):"
 "${venv}/bin/python" -m synthseg_native.devices

@@ -1,7 +1,7 @@
 """Test session set-up: quiet TensorFlow, and the shared engine fixtures (weights, real MRI inputs)."""
 
-import os
+from synthseg_native.devices import prepare_tensorflow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+prepare_tensorflow()  # same TensorFlow kernels as the command line (oneDNN on x86-64 Linux)
 
 pytest_plugins = ["engine_fixtures"]

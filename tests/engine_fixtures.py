@@ -19,6 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+def reference(name: str) -> np.ndarray:
+    """One of upstream's label tables from ../shared (CI has it; a plain clone may not: then skip)."""
+    path = SHARED / "reference" / "labels" / f"{name}.npy"
+    if not path.is_file():
+        pytest.skip(f"upstream reference table {path.name} not found in {path.parent}")
+    return np.load(path)
+
+
 class WeightStore:
     """Generates each model file on first use; all land in one folder usable as --models."""
 

@@ -34,6 +34,9 @@ FAKE_PREDICT = textwrap.dedent('''
             json.dump(record, f)
         if os.environ.get("FAKE_WRITE"):
             import nibabel as nib
+            for key in ("path_segmentations", "path_posteriors", "path_volumes"):
+                if kwargs[key]:
+                    os.makedirs(os.path.dirname(kwargs[key]), exist_ok=True)  # as upstream does
             for key in ("path_segmentations", "path_posteriors"):
                 if kwargs[key]:
                     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), dtype=np.int32), np.eye(4)), kwargs[key])

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from engine_fixtures import SHARED
+from engine_fixtures import reference
 from synthseg_native import labels as L
 from synthseg_native.cli import main
 
@@ -44,8 +44,8 @@ def test_default_outputs_in_input_space(weights, inputs, tmp_path):
     assert p.shape == (*src.shape, 33) and p.dtype == np.float32
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-4)
     rows = list(csv.reader(open(vol)))
-    names = np.load(SHARED / "reference/labels/synthseg_segmentation_names_2.0.npy")
-    labels = np.load(SHARED / "reference/labels/synthseg_segmentation_labels_2.0.npy")
+    names = reference("synthseg_segmentation_names_2.0")
+    labels = reference("synthseg_segmentation_labels_2.0")
     _, idx = np.unique(labels, return_index=True)
     expected = names[idx].tolist()[1:]
     assert rows[0] == ["subject", "total intracranial"] + expected
@@ -113,7 +113,7 @@ def test_model_variants_run(weights, inputs, tmp_path, flags):
     assert set(np.unique(seg).tolist()) <= set(L.LabelSet.build(v1).labels.tolist())
     header = next(csv.reader(open(vol)))
     assert (header[1] == "total intracranial") is (not v1)
-    assert len(header) == (33 if v1 else 34)
+    assert len(header) == (32 if v1 else 34)  # subject + (total) + one column per non-background label
 
 
 def test_fast_differs_from_default_only_by_postprocessing(weights, inputs, tmp_path):

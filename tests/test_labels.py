@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_fixtures import SHARED
+from engine_fixtures import reference
 from synthseg_native import labels as L
-
-REF = SHARED / "reference" / "labels"
 
 TABLES = {
     "synthseg_segmentation_labels_2.0": lambda: L.raw_segmentation_labels(False),
@@ -29,7 +27,7 @@ TABLES = {
 
 @pytest.mark.parametrize("name", sorted(TABLES))
 def test_table_matches_upstream(name):
-    ref = np.load(REF / f"{name}.npy")
+    ref = reference(name)
     ours = TABLES[name]()
     assert ours.shape == ref.shape
     assert ours.tolist() == ref.tolist()

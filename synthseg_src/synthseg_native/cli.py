@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for TensorFlow (default: all cores; upstream defaults to 1).")
     p.add_argument("--cpu", action="store_true", help="Run on the CPU even if a GPU is available.")
     p.add_argument("--v1", action="store_true", help="Use SynthSeg 1.0 instead of 2.0.")
+    p.add_argument("--keepgeom", action="store_true",
+                   help="FreeSurfer 8: write outputs on the input's voxel grid (labels nearest, posteriors linear); "
+                   "volumes still come from the 1 mm posteriors.")
+    p.add_argument("--addctab", action="store_true",
+                   help="FreeSurfer 8: FreeSurfer colours and names for the labels (embedded in .mgz, sidecar "
+                   "<name>_ctab.txt for NIfTI).")
     p.add_argument("--models", help="Folder with the weight files (searched first).")
     p.add_argument("--bn", choices=["auto", "fused", "unfused"], default="auto",
                    help="BatchNorm form: fused (exact, CPU/CUDA), unfused (Metal); auto picks per device.")
@@ -53,6 +59,8 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--crop takes 1 or 3 sizes, got {len(args.crop)}")
         if any(c <= 0 for c in args.crop):
             raise UsageError(f"--crop sizes must be positive, got {args.crop}")
+    if args.engine == "upstream" and (args.keepgeom or args.addctab):
+        raise UsageError("--keepgeom and --addctab are FreeSurfer 8 options; upstream SynthSeg has neither")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
@@ -72,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         log("ERR", str(exc))
         return 2
-    if not args.debug:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .devices import prepare_tensorflow
+
+    prepare_tensorflow(debug=args.debug)
     crop = None if args.crop is None else (args.crop * 3 if len(args.crop) == 1 else args.crop)
     opts = Options(i=args.i, o=args.o, parc=args.parc, robust=args.robust, fast=args.fast, ct=args.ct,
                    vol=args.vol, qc=args.qc, post=args.post, resample=args.resample, crop=crop,
-                   threads=args.threads, cpu=args.cpu, v1=args.v1, models=args.models, bn=args.bn,
+                   threads=args.threads, cpu=args.cpu, v1=args.v1, keepgeom=args.keepgeom, addctab=args.addctab,
+                   models=args.models, bn=args.bn,
                    profile=args.profile, debug=args.debug)
     if args.engine == "upstream":
         return _run_upstream(opts, args.synthseg_home)
@@ -100,19 +110,19 @@ def _run_native(opts: Options, plan) -> int:
 
 
 def _run_upstream(opts: Options, synthseg_home: str | None) -> int:
-    from .upstream import UpstreamError, UpstreamRequest, run_upstream
+    from .upstream import UpstreamError, UpstreamRequest, find_synthseg_home, run_upstream
     from .weights import MODEL_FILES, WeightsError, find_weights
 
     try:
+        home = find_synthseg_home(synthseg_home)
         key = "robust" if opts.robust else ("seg1" if opts.v1 else "seg2")
         models_dir = str(find_weights(MODEL_FILES[key], opts.models).parent)
         req = UpstreamRequest(i=opts.i, o=opts.o, parc=opts.parc, robust=opts.robust, fast=opts.fast,
                               ct=opts.ct, vol=opts.vol, qc=opts.qc, post=opts.post, resample=opts.resample,
                               crop=opts.crop, threads=opts.threads or os.cpu_count() or 1, cpu=opts.cpu,
-                              v1=opts.v1, synthseg_home=synthseg_home, models_dir=models_dir,
+                              v1=opts.v1, synthseg_home=str(home), models_dir=models_dir,
                               bn="unfused" if opts.bn == "unfused" else "fused")
-        log("INFO", f"upstream engine from {synthseg_home or os.environ.get('SYNTHSEG_HOME')}, "
-                    f"weights in {models_dir}")
+        log("INFO", f"upstream engine from {home}, weights in {models_dir}")
         return run_upstream(req)
     except (UpstreamError, WeightsError) as exc:
         log("ERR", str(exc))

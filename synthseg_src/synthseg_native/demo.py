@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--flags", default="", help="Extra SynthSeg flags, e.g. '--fast'.")
     args = p.parse_args(argv)
+    from .devices import prepare_tensorflow
+
+    prepare_tensorflow()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -76,6 +76,12 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     return LoadedImage(data, affine, header, n_dims, n_channels, res)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temp_path(path: Path) -> Path:
     """A unique temporary name beside ``path`` that keeps its extension, so nibabel picks the format."""
     ext = image_extension(path) or path.suffix
@@ -93,6 +99,7 @@ def atomic_write(path: str | os.PathLike, writer) -> None:
     tmp = _temp_path(target)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs follow the umask like any file
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

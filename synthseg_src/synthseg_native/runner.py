@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import colours, geometry
 from . import labels as L
 from . import qc as qc_heads
 from . import volumes as V
@@ -44,6 +45,8 @@ class Options:
     threads: int | None = None
     cpu: bool = False
     v1: bool = False
+    keepgeom: bool = False
+    addctab: bool = False
     models: str | None = None
     bn: str = "auto"
     profile: bool = False
@@ -109,27 +112,37 @@ class Predictor:
     def weights_digest(self) -> dict[str, str]:
         return {os.path.basename(p): file_sha256(p) for p in self.weight_paths.values()}
 
-    def _posteriors(self, image: np.ndarray) -> np.ndarray:
-        post = self.model.predict(image, verbose=0)
-        return self.blur(post) if self.blur is not None else post
-
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Segmentation posteriors on the padded grid, (1, X, Y, Z, labels) float32, then the
-        parcellation posteriors and QC scores when requested."""
-        post = self._posteriors(image)
-        if self.flip is not None:
-            flipped = self._posteriors(np.ascontiguousarray(image[:, ::-1]))
-            post = self._average(post, flipped, self.flip)
+        parcellation posteriors and QC scores when requested.
+
+        Which tensors upstream returns depends on the heads, because its final Keras model picks
+        outputs by layer name: with --parc or --qc and no flip (--fast), the segmentation comes from
+        the softmax layer, i.e. *before* the Gaussian blur (the parcellation still sees the blurred
+        one); with --parc and --qc together, the parcellation is returned unblurred. Reproduced here.
+        """
+        heads = self.parc_model is not None or self.qc_model is not None
+        soft = self.model.predict(image, verbose=0)
+        if self.blur is None:  # robust: no smoothing anywhere
+            blurred = returned = soft
+        elif self.flip is not None:
+            blurred = self.blur(soft)
+            flipped = self.blur(self.model.predict(np.ascontiguousarray(image[:, ::-1]), verbose=0))
+            blurred = returned = self._average(blurred, flipped, self.flip)
+        else:
+            returned = soft.copy() if heads else None
+            blurred = self.blur(soft)
+            returned = blurred if returned is None else returned
         post_parc = qc_scores = None
-        if self.parc_model is not None or self.qc_model is not None:
-            channels = self.channels(post)
-            if self.parc_model is not None:
-                cortex = qc_heads.cortex_lut(self.labels)[channels]
-                post_parc = self.parc_model.predict(qc_heads.parc_input(image, cortex), verbose=0)
+        if self.parc_model is not None:
+            cortex = qc_heads.cortex_lut(self.labels)[self.channels(blurred)]
+            post_parc = self.parc_model.predict(qc_heads.parc_input(image, cortex), verbose=0)
+            if self.qc_model is None:
                 post_parc = self.parc_blur(post_parc)
-            if self.qc_model is not None:
-                qc_scores = self.qc_model.predict(qc_heads.qc_input(channels[0], self.labels), verbose=0)
-        return post, post_parc, qc_scores
+        if self.qc_model is not None:
+            channels = self.channels(returned if self.parc_model is not None else blurred)
+            qc_scores = self.qc_model.predict(qc_heads.qc_input(channels[0], self.labels), verbose=0)
+        return returned, post_parc, qc_scores
 
 
 class _batchnorm_form:
@@ -217,9 +230,17 @@ def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timin
     del post_seg, post_parc
     t3 = time.perf_counter()
     timings.add("postprocess", t3 - t2)
-    save_image(result.segmentation, prep.affine, prep.header, plan.seg[k], dtype="int32")
+    seg, posteriors, affine = result.segmentation, result.posteriors, prep.affine
+    if opts.keepgeom and prep.resampled is not None:
+        seg = geometry.resample_like(seg, affine, img.data.shape, img.affine, order=0)
+        if plan.post[k] is not None:
+            posteriors = geometry.resample_like(posteriors, affine, img.data.shape, img.affine, order=1)
+        affine = img.affine
+    save_image(seg, affine, prep.header, plan.seg[k], dtype="int32")
+    if opts.addctab:
+        colours.attach(plan.seg[k], seg, parc=opts.parc)
     if plan.post[k] is not None:
-        save_image(result.posteriors, prep.affine, prep.header, plan.post[k], dtype="float32")
+        save_image(posteriors, affine, prep.header, plan.post[k], dtype="float32")
     if plan.vol[k] is not None:
         row = V.volume_row(path, result.volumes)
         if vol_table is not None:

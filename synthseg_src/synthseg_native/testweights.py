@@ -27,18 +27,21 @@ _TWIN = {2: 41, 3: 42, 4: 43, 5: 44, 7: 46, 8: 47, 10: 49, 11: 50, 12: 51, 13: 5
 
 
 def calibration_image() -> np.ndarray:
-    """MNI152 T1 at 2 mm, RAS, rescaled to [0, 1], padded to a multiple of 32: shape (1, X, Y, Z, 1)."""
+    """A 96×112×96 block of the MNI152 T1 at 1 mm around the brain centre, RAS, rescaled: (1, X, Y, Z, 1).
+
+    1 mm, because BatchNorm statistics and the last layer fitted at another scale do not transfer:
+    calibrated at 2 mm, inference at 1 mm gave mostly background and CSF.
+    """
     from nilearn.datasets import load_mni152_template
 
     from . import geometry
     from .preprocess import _rescale
 
-    img = load_mni152_template(resolution=2)
+    img = load_mni152_template(resolution=1)
     data = geometry.align_to(np.asarray(img.get_fdata(), dtype=np.float64), img.affine, np.eye(4))
     data = _rescale(np.ascontiguousarray(data))
-    shape = [geometry.round_up(s, 32) for s in data.shape]
-    data, _ = geometry.centre_pad(data, shape)
-    return data[np.newaxis, ..., np.newaxis].astype(np.float32)
+    block, _ = geometry.centre_crop(data, [96, 112, 96])
+    return block[np.newaxis, ..., np.newaxis].astype(np.float32)
 
 
 def pseudo_segmentation(image: np.ndarray, v1: bool = False) -> np.ndarray:
@@ -237,6 +240,9 @@ def generate(out_dir: str | Path, seed: int = 0, layout: str = "model",
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .devices import prepare_tensorflow
+
+    prepare_tensorflow()
     p = argparse.ArgumentParser(description="Write seeded, calibrated random SynthSeg weights (tests/demo).")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)

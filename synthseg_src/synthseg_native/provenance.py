@@ -1,0 +1,202 @@
+"""Provenance sidecars: the pipeline stage's cache may skip a run only when it can prove the outputs
+came from this very input, these flags, these weights and this toolkit.
+
+Existing outputs alone prove nothing (an interrupted run, other flags, new weights), so every
+finished run leaves ``<segmentation>.provenance.json`` beside its segmentation, written last and
+atomically. ``check`` compares it with what a run would use now; when anything differs it deletes
+the record *before* the new run starts, so a run that dies half-way is never mistaken for a
+finished one. The record is built from the engine's own argument list, parsed by the engine's own
+parser, so the shell stage only passes that list and never has to know what matters.
+
+Usage (exit 0: outputs current, 3: a run is needed, 1: error, 2: usage)::
+
+    python -m synthseg_native.provenance check [--force] -- --i IN --o SEG --vol CSV [engine flags]
+    python -m synthseg_native.provenance write -- --i IN --o SEG --vol CSV [engine flags]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .cli import build_parser
+from .io import image_extension, write_text
+from .runner import log
+from .weights import MODEL_FILES, WeightsError, file_sha256, find_weights
+
+SIDECAR_SUFFIX = ".provenance.json"
+SCHEMA = 1
+EXIT_CURRENT, EXIT_ERROR, EXIT_USAGE, EXIT_STALE = 0, 1, 2, 3
+OUTPUT_FLAGS = ("o", "vol", "post", "resample", "qc")
+# Engine options that cannot change a result (or are covered by a digest: weights, checkout).
+NOT_RESULT_FLAGS = {"i", *OUTPUT_FLAGS, "engine", "threads", "profile", "debug", "models", "synthseg_home"}
+
+
+class ProvenanceError(Exception):
+    """The engine arguments are not a single-image run this cache can vouch for."""
+
+
+def parse_engine_args(argv: list[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.robust:
+        args.fast = True  # as the CLI does, so "--robust" and "--robust --fast" are the same run
+    if not args.i or not args.o or image_extension(args.i) is None or image_extension(args.o) is None:
+        raise ProvenanceError("provenance covers one input image and one segmentation file (--i, --o)")
+    return args
+
+
+def sidecar_path(args: argparse.Namespace) -> Path:
+    return Path(os.path.abspath(args.o) + SIDECAR_SUFFIX)
+
+
+def output_paths(args: argparse.Namespace) -> list[str]:
+    return [os.path.abspath(getattr(args, f)) for f in OUTPUT_FLAGS if getattr(args, f)]
+
+
+def weight_files(args: argparse.Namespace) -> list[Path]:
+    """The weight files this run reads: the segmentation model, then parcellation and QC models from
+    the same folder when present there (where the upstream engine takes them from)."""
+    key = "robust" if args.robust else ("seg1" if args.v1 else "seg2")
+    main = find_weights(MODEL_FILES[key], args.models)
+    files = [main]
+    for key in [k for k, on in (("parc", args.parc), ("qc", args.qc)) if on]:
+        beside = main.parent / MODEL_FILES[key]
+        files.append(beside if beside.is_file() else find_weights(MODEL_FILES[key], args.models))
+    return files
+
+
+def toolkit() -> dict[str, str]:
+    """The version, plus a digest of the package's sources: a development tree changes between releases."""
+    package = sys.modules[__package__]
+    h = hashlib.sha256()
+    for src in sorted(Path(package.__file__).parent.glob("*.py")):
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    return {"version": getattr(package, "__version__", "unknown"), "sources_sha256": h.hexdigest()}
+
+
+def upstream_checkout(args: argparse.Namespace) -> dict[str, str] | None:
+    if args.engine != "upstream":
+        return None
+    from .upstream import PREDICT_FILE, UpstreamError, find_synthseg_home
+
+    try:
+        home = find_synthseg_home(args.synthseg_home)
+    except UpstreamError as exc:
+        return {"error": str(exc)}
+    return {"home": str(home), "predict_sha256": file_sha256(home / PREDICT_FILE)}
+
+
+def fingerprint(args: argparse.Namespace, input_sha256: str | None = None) -> dict[str, Any]:
+    """Everything that decides the outputs' content; two runs with equal fingerprints give equal files."""
+    path = os.path.abspath(args.i)
+    st = os.stat(path)
+    return {
+        "input": {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                  "sha256": input_sha256 or file_sha256(path)},
+        "flags": {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RESULT_FLAGS},
+        "engine": args.engine,
+        "weights": {p.name: file_sha256(p) for p in weight_files(args)},  # content, not location
+        "upstream": upstream_checkout(args),
+        "toolkit": toolkit(),
+    }
+
+
+def stale_reason(args: argparse.Namespace) -> str | None:
+    """Why the recorded run cannot stand in for a new one, or None when it can."""
+    side = sidecar_path(args)
+    if not side.is_file():
+        return f"no provenance record {side.name}"
+    try:
+        rec = json.loads(side.read_text())
+        outputs, rec_input = dict(rec["outputs"]), dict(rec["input"])
+    except (OSError, ValueError, KeyError, TypeError):
+        rec = {}
+    if rec.get("schema") != SCHEMA:
+        return f"provenance record {side.name} is unreadable or from another version"
+    if set(outputs) != set(output_paths(args)):
+        return "the requested outputs differ from the recorded run's"
+    missing = [p for p in outputs if not os.path.isfile(p)]
+    if missing:
+        return f"output missing: {missing[0]}"
+    path = os.path.abspath(args.i)
+    if rec_input.get("path") != path:
+        return f"input path changed (was {rec_input.get('path')})"
+    if rec_input.get("size") != os.path.getsize(path):
+        return "input changed (size differs)"
+    try:
+        now = fingerprint(args)
+    except WeightsError as exc:
+        return f"weights not found ({exc})"
+    if now["input"]["sha256"] != rec_input.get("sha256"):
+        return "input changed (content differs)"
+    for key in ("flags", "engine", "weights", "upstream", "toolkit"):
+        if now[key] != rec.get(key):
+            return f"{key} changed{_diff_keys(rec.get(key), now[key])}"
+    changed = [p for p, sha in outputs.items() if file_sha256(p) != sha]
+    if changed:
+        return f"output modified since the recorded run: {changed[0]}"
+    return None
+
+
+def _diff_keys(old: Any, new: Any) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f" ({', '.join(map(str, keys))})" if keys else ""
+    return f" ({old} -> {new})"
+
+
+def check(args: argparse.Namespace, force: bool = False) -> int:
+    side = sidecar_path(args)
+    reason = "FORCE=1" if force else stale_reason(args)
+    if reason is None:
+        log("SKIP", f"{args.o} is up to date ({side.name} matches input, flags, weights, toolkit; "
+                    "FORCE=1 re-runs)")
+        return EXIT_CURRENT
+    side.unlink(missing_ok=True)  # from here on, until `write`, the outputs are untrusted
+    log("INFO", f"cache: running because {reason}")
+    return EXIT_STALE
+
+
+def write(args: argparse.Namespace) -> Path:
+    """Record a finished run. Output digests are taken now, so a later edit of an output shows."""
+    missing = [p for p in output_paths(args) if not os.path.isfile(p)]
+    if missing:
+        raise ProvenanceError(f"run did not produce {missing[0]}; no provenance written")
+    record = {"schema": SCHEMA, **fingerprint(args),
+              "outputs": {p: file_sha256(p) for p in output_paths(args)},
+              "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    side = sidecar_path(args)
+    write_text(side, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return side
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        print("usage: python -m synthseg_native.provenance {check [--force] | write} -- ENGINE_ARGS...",
+              file=sys.stderr)
+        return EXIT_USAGE
+    cut = argv.index("--")
+    p = argparse.ArgumentParser(prog="python -m synthseg_native.provenance")
+    p.add_argument("command", choices=["check", "write"])
+    p.add_argument("--force", action="store_true", help="treat the outputs as stale (FORCE=1)")
+    opts = p.parse_args(argv[:cut])
+    try:
+        args = parse_engine_args(argv[cut + 1:])
+        if opts.command == "check":
+            return check(args, force=opts.force)
+        log("INFO", f"provenance written: {write(args)}")
+        return EXIT_CURRENT
+    except (ProvenanceError, WeightsError, OSError) as exc:
+        log("ERR", str(exc))
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
