@@ -52,8 +52,9 @@ def test_default_outputs_in_input_space(weights, inputs, tmp_path):
     assert rows[1][0] == "mni_ras" and len(rows[1]) == len(rows[0])
     vols = np.array(rows[1][1:], dtype=float)
     assert vols[0] == pytest.approx(vols[1:].sum(), abs=0.05)
-    # volumes are the posterior sums at 1 mm, rounded to 3 decimals
-    assert vols[1:] == pytest.approx(p[..., 1:].sum((0, 1, 2), dtype=np.float64), rel=1e-4, abs=2e-3)
+    # volumes are the posterior sums at 1 mm, rounded to 3 decimals; upstream sums in float32 over a strided
+    # view (no pairwise summation), which is off by up to ~0.05 % on large structures
+    assert vols[1:] == pytest.approx(p[..., 1:].sum((0, 1, 2), dtype=np.float64), rel=1e-3, abs=2e-3)
 
 
 @pytest.mark.parametrize("name", ["las", "lia", "4d"])

@@ -73,8 +73,8 @@ def align_to(volume: np.ndarray, affine: np.ndarray, affine_ref: np.ndarray, n_d
     for i in range(n_dims):
         if axes_flo[i] != axes_ref[i]:
             volume = np.swapaxes(volume, axes_flo[i], axes_ref[i])
-            swapped = np.where(axes_flo == axes_ref[i])
-            axes_flo[swapped], axes_flo[i] = axes_flo[i], axes_flo[swapped]
+            j = int(np.where(axes_flo == axes_ref[i])[0][0])
+            axes_flo[j], axes_flo[i] = axes_flo[i], axes_flo[j]
     dots = np.sum(aff_flo[:3, :3] * affine_ref[:3, :3], axis=0)
     for i in range(n_dims):
         if dots[i] < 0:
