@@ -117,12 +117,9 @@ def _run_upstream(opts: Options, synthseg_home: str | None) -> int:
         home = find_synthseg_home(synthseg_home)
         key = "robust" if opts.robust else ("seg1" if opts.v1 else "seg2")
         models_dir = str(find_weights(MODEL_FILES[key], opts.models).parent)
-        req = UpstreamRequest(i=opts.i, o=opts.o, parc=opts.parc, robust=opts.robust, fast=opts.fast,
-                              ct=opts.ct, vol=opts.vol, qc=opts.qc, post=opts.post, resample=opts.resample,
-                              crop=opts.crop, threads=opts.threads or os.cpu_count() or 1, cpu=opts.cpu,
-                              v1=opts.v1, synthseg_home=str(home), models_dir=models_dir,
+        flags = opts.upstream_flags() | {"threads": opts.threads or os.cpu_count() or 1}
+        req = UpstreamRequest(**flags, synthseg_home=str(home), models_dir=models_dir,
                               bn="unfused" if opts.bn == "unfused" else "fused")
-        log("INFO", f"upstream engine from {home}, weights in {models_dir}")
         return run_upstream(req)
     except (UpstreamError, WeightsError) as exc:
         log("ERR", str(exc))

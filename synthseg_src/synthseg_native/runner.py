@@ -18,6 +18,7 @@ from . import colours, geometry
 from . import labels as L
 from . import qc as qc_heads
 from . import volumes as V
+from .flags import SynthSegFlags
 from .io import InputError, load_image, save_image
 from .outputs import Plan
 from .postprocess import postprocess
@@ -28,23 +29,9 @@ SIGMA_POSTERIORS = 0.5  # upstream smooths the segmentation posteriors with this
 
 
 @dataclass
-class Options:
-    """Upstream's flags plus ours; ``crop`` is per-axis, ``threads`` None means all cores."""
+class Options(SynthSegFlags):
+    """Upstream's flags plus ours; ``threads`` None means all cores."""
 
-    i: str
-    o: str
-    parc: bool = False
-    robust: bool = False
-    fast: bool = False
-    ct: bool = False
-    vol: str | None = None
-    qc: str | None = None
-    post: str | None = None
-    resample: str | None = None
-    crop: list[int] | None = None
-    threads: int | None = None
-    cpu: bool = False
-    v1: bool = False
     keepgeom: bool = False
     addctab: bool = False
     models: str | None = None

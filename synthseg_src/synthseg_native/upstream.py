@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import patches
+from .flags import SynthSegFlags
 
 PREDICT_FILE = "SynthSeg/predict_synthseg.py"
 LABELS_DIR = "data/labels_classes_priors"
@@ -34,23 +35,10 @@ class UpstreamError(Exception):
 
 
 @dataclass
-class UpstreamRequest:
+class UpstreamRequest(SynthSegFlags):
     """Upstream's command-line flags, plus where the checkout and the weights are."""
 
-    i: str
-    o: str
-    parc: bool = False
-    robust: bool = False
-    fast: bool = False
-    ct: bool = False
-    vol: str | None = None
-    qc: str | None = None
-    post: str | None = None
-    resample: str | None = None
-    crop: list[int] | None = None
-    threads: int = 1
-    cpu: bool = False
-    v1: bool = False
+    threads: int = 1  # upstream's own default
     synthseg_home: str | None = field(default_factory=lambda: os.environ.get("SYNTHSEG_HOME"))
     models_dir: str = ""
     bn: str = "fused"
