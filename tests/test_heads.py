@@ -120,3 +120,18 @@ def test_freesurfer_options_are_refused_for_upstream(inputs, tmp_path, capsys):
     assert main(["--i", str(inputs["ras"]), "--o", str(tmp_path / "s.nii.gz"), "--engine", "upstream",
                  "--keepgeom"]) == 2
     assert "FreeSurfer 8 options" in capsys.readouterr().err
+
+
+def test_folder_batch_with_parcellation(weights, inputs, tmp_path):
+    """One shared CSV for the batch: a header and one row per scan, parcel columns included."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("ras", "las"):
+        (src / inputs[name].name).write_bytes(inputs[name].read_bytes())
+    vol = tmp_path / "vols.csv"
+    assert run("--i", src, "--o", tmp_path / "out", "--vol", vol, "--parc", "--models",
+               weights.need("seg2", "parc"), "--crop", "64") == 0
+    rows = list(csv.reader(open(vol)))
+    assert rows[0] == expected_volume_header(parc=True)
+    assert [r[0] for r in rows[1:]] == ["mni_las.nii", "mni_ras"]
+    assert all(len(r) == len(rows[0]) for r in rows)
