@@ -190,3 +190,16 @@ def test_invalid_flag_combinations(inputs, tmp_path, capsys, argv, message):
         base = ["--i", str(inputs["ras"])]
     assert main(base + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_scan_with_few_slices_is_segmented(weights, mni_img, tmp_path, capsys):
+    """Upstream crashes on scans with <= 10 slices (it reads only two voxel sizes); we warn and segment."""
+    data = np.asarray(mni_img.dataobj)[60:132, 70:158, 80:160:10].astype(np.float32)  # 8 slices, 10 mm apart
+    aff = mni_img.affine.copy()
+    aff[:3, 2] *= 10
+    src = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(data, aff), str(src))
+    out = tmp_path / "seg.nii.gz"
+    assert run("--i", src, "--o", out, "--models", weights.need("seg2"), "--fast", *CROP) == 0
+    assert "very few slices" in capsys.readouterr().err
+    assert nib.load(str(out)).shape[:2] == (72, 88)

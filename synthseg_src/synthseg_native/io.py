@@ -69,10 +69,12 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         raise InputError(f"{path}: affine is singular or not finite")
     n_dims, n_channels = _dims(data.shape) if data.ndim > 1 else (1, 1)
     header = img.header
+    # Voxel sizes of the spatial axes. Upstream takes as many as its channel guess leaves (two for a scan
+    # with <= 10 slices, which then crashes its resampling check); three is what such scans need.
     if ext == ".mgz":
         res = np.array(header["delta"])
     else:
-        res = np.array(header["pixdim"][1:n_dims + 1])
+        res = np.array(header["pixdim"][1:max(n_dims, min(3, data.ndim)) + 1])
     return LoadedImage(data, affine, header, n_dims, n_channels, res)
 
 

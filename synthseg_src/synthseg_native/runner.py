@@ -176,9 +176,11 @@ def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
         log("RUN", f"{k + 1}/{n} {path}")
         try:
             _one(opts, plan, k, predictor, timings, vol_table, qc_table)
-        except (InputError, OSError, ValueError, MemoryError) as exc:
+        except Exception as exc:  # one bad scan must not stop a batch; Ctrl-C still does
             failed.append(path)
-            msg = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
+            known = isinstance(exc, (InputError, OSError, ValueError))
+            detail = str(exc) if known else f"{type(exc).__name__}: {exc}"
+            msg = detail if detail.startswith(path) else f"{path}: {detail}"
             log("ERR", msg)
             if opts.debug:
                 traceback.print_exc()
