@@ -119,3 +119,15 @@ def test_blur_kernel_is_normalised_gaussian():
     assert abs(k.sum() - 1) < 1e-6 and k[1, 1, 1] == k.max()
     ratio = k[1, 1, 0] / k[1, 1, 1]
     assert abs(ratio - np.exp(-2.0)) < 1e-6
+
+
+def test_staged_unet_is_bit_identical_to_one_predict(tmp_path):
+    """Stem / core / head-in-slabs gives the same bits as running the whole Keras model at once."""
+    rng = np.random.RandomState(3)
+    model = network.unet_model(5)
+    for layer in network.weighted_layers(model).values():
+        layer.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in layer.get_weights()][:2]
+                          + [np.abs(rng.normal(1, 0.1, w.shape)).astype(np.float32) for w in layer.get_weights()[2:]])
+    x = rng.rand(1, 80, 32, 32, 1).astype(np.float32)
+    staged = network.StagedUNet(model, slab=32)  # 80 = two full slabs and a half one
+    np.testing.assert_array_equal(staged.predict(x), model.predict(x, verbose=0))

@@ -141,6 +141,73 @@ class ArgmaxLabels:
         return self.fn(post).numpy()
 
 
+class StagedUNet:
+    """Runs a trained :func:`unet` in exact stages so no full-resolution tensor of many channels is held whole.
+
+    stem (image → last full-resolution encoder conv, the skip), pool (BatchNorm + max-pool of the skip) and
+    head (skip + upsampled coarse output → two convs, BatchNorm, likelihood, softmax) run in slabs along the
+    first axis, with a 2-voxel halo for the two 3×3×3 convs; only the coarse middle (half resolution and
+    below) runs on the whole volume. Measured bit-identical to one ``predict`` of the whole model. The
+    ``tf.identity`` after the stem matters: a conv output that is itself fetched is not fused with its bias
+    and ELU by TensorFlow's remapper, and the unfused kernels round differently.
+    """
+
+    def __init__(self, model: tf.keras.Model, prefix: str = "unet", n_levels: int = 5, slab: int = 16):
+        self.slab, self.halo = slab, 2
+        layer = model.get_layer
+        top = f"{prefix}_conv_downarm_0_1"
+        self.stem = tf.keras.Model(model.inputs, KL.Lambda(tf.identity)(layer(top).output))
+        n_skip = layer(top).output.shape[-1]
+        skip_in = KL.Input(shape=[None, None, None, n_skip])
+        self.pool = tf.keras.Model(skip_in, layer(f"{prefix}_maxpool_0")(layer(f"{prefix}_bn_down_0")(skip_in)))
+        x = pooled_in = KL.Input(shape=[None, None, None, n_skip])
+        skips = {}
+        for level in range(1, n_levels):
+            for conv in range(2):
+                x = layer(f"{prefix}_conv_downarm_{level}_{conv}")(x)
+            skips[level] = x
+            x = layer(f"{prefix}_bn_down_{level}")(x)
+            if level < n_levels - 1:
+                x = layer(f"{prefix}_maxpool_{level}")(x)
+        for level in range(n_levels - 2):
+            x = layer(f"{prefix}_up_{n_levels + level}")(x)
+            x = layer(f"{prefix}_merge_{n_levels + level}")([skips[n_levels - 2 - level], x])
+            for conv in range(2):
+                x = layer(f"{prefix}_conv_uparm_{n_levels + level}_{conv}")(x)
+            x = layer(f"{prefix}_bn_up_{level}")(x)
+        self.core = tf.keras.Model(pooled_in, x)
+        last = n_levels - 2
+        skip2 = KL.Input(shape=[None, None, None, n_skip])
+        low = KL.Input(shape=[None, None, None, x.shape[-1]])
+        y = layer(f"{prefix}_merge_{n_levels + last}")([skip2, layer(f"{prefix}_up_{n_levels + last}")(low)])
+        for name in (f"conv_uparm_{n_levels + last}_0", f"conv_uparm_{n_levels + last}_1", f"bn_up_{last}",
+                     "likelihood", "prediction"):
+            y = layer(f"{prefix}_{name}")(y)
+        self.head = tf.keras.Model([skip2, low], y)
+
+    def predict(self, image: np.ndarray, verbose: int = 0) -> np.ndarray:
+        """Same call as ``Model.predict`` so either can serve the runner."""
+        skip = self._slabs(self.stem, image, halo=self.halo)
+        pooled = self._slabs(self.pool, skip, halo=0, shrink=2)
+        low = self.core.predict(pooled, verbose=verbose)
+        del pooled
+        return self._slabs(self.head, skip, halo=self.halo, coarse=low)
+
+    def _slabs(self, net: tf.keras.Model, fine: np.ndarray, halo: int, shrink: int = 1,
+               coarse: np.ndarray | None = None) -> np.ndarray:
+        """Apply ``net`` slab by slab along axis 1 of ``fine`` (and of ``coarse``, at half resolution)."""
+        size, out = fine.shape[1], None
+        for x0 in range(0, size, self.slab):
+            x1 = min(size, x0 + self.slab)
+            a, b = max(0, x0 - halo), min(size, x1 + halo)
+            inputs = fine[:, a:b] if coarse is None else [fine[:, a:b], coarse[:, a // 2:b // 2]]
+            part = net.predict(inputs, verbose=0)
+            if out is None:
+                out = np.empty((1, size // shrink) + part.shape[2:], dtype=part.dtype)
+            out[:, x0 // shrink:x1 // shrink] = part[:, (x0 - a) // shrink:(x1 - a) // shrink]
+        return out
+
+
 class ChannelBlur:
     """Gaussian smoothing of posteriors, one channel at a time, in place.
 

@@ -42,10 +42,21 @@ class Options(SynthSegFlags):
 
 @dataclass
 class Timings:
+    """Seconds per stage, and the process's peak memory when each stage last ended (--profile)."""
+
     stages: dict[str, float] = field(default_factory=dict)
+    peak_gb: dict[str, float] = field(default_factory=dict)
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+        self.peak_gb[stage] = peak_rss_gb()
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux
 
 
 def log(tag: str, msg: str) -> None:
@@ -79,10 +90,13 @@ class Predictor:
         self._average = network.average_flipped
         path = self.weight_paths[key]
         assign(self.model, read_weights(path), path)
+        # The plain U-Nets run in stages (same bits, a fraction of the memory); robust stays one graph.
+        self.run_seg = self.model if opts.robust else network.StagedUNet(self.model)
         self.channels = network.ArgmaxLabels(np.arange(len(self.labels.labels)))
         self.parc_model = self.qc_model = None
         if opts.parc:
             self.parc_model = self._load("parc", network.parc_model(len(L.parcellation_labels())))
+            self.run_parc = network.StagedUNet(self.parc_model, prefix="unet_parc")
             self.parc_blur = network.ChannelBlur(SIGMA_POSTERIORS)
         if opts.qc:
             self.qc_model = self._load("qc", network.qc_model(len(np.unique(self.labels.qc_groups))))
@@ -109,12 +123,12 @@ class Predictor:
         one); with --parc and --qc together, the parcellation is returned unblurred. Reproduced here.
         """
         heads = self.parc_model is not None or self.qc_model is not None
-        soft = self.model.predict(image, verbose=0)
+        soft = self.run_seg.predict(image, verbose=0)
         if self.blur is None:  # robust: no smoothing anywhere
             blurred = returned = soft
         elif self.flip is not None:
             blurred = self.blur(soft)
-            flipped = self.blur(self.model.predict(np.ascontiguousarray(image[:, ::-1]), verbose=0))
+            flipped = self.blur(self.run_seg.predict(np.ascontiguousarray(image[:, ::-1]), verbose=0))
             blurred = returned = self._average(blurred, flipped, self.flip)
         else:
             returned = soft.copy() if heads else None
@@ -123,7 +137,7 @@ class Predictor:
         post_parc = qc_scores = None
         if self.parc_model is not None:
             cortex = qc_heads.cortex_lut(self.labels)[self.channels(blurred)]
-            post_parc = self.parc_model.predict(qc_heads.parc_input(image, cortex), verbose=0)
+            post_parc = self.run_parc.predict(qc_heads.parc_input(image, cortex), verbose=0)
             if self.qc_model is None:
                 post_parc = self.parc_blur(post_parc)
         if self.qc_model is not None:
@@ -188,7 +202,7 @@ def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
         log("DONE", f"{path} -> {plan.seg[k]} ({time.perf_counter() - t_start:.1f} s)")
     if opts.profile:
         for stage, sec in timings.stages.items():
-            log("INFO", f"profile {stage}: {sec:.3f} s")
+            log("INFO", f"profile {stage}: {sec:.3f} s (peak RSS so far {timings.peak_gb[stage]:.2f} GB)")
     if failed:
         log("ERR", f"{len(failed)} of {n} image(s) failed: {', '.join(failed)}")
         return 1
