@@ -129,5 +129,30 @@ def test_staged_unet_is_bit_identical_to_one_predict(tmp_path):
         layer.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in layer.get_weights()][:2]
                           + [np.abs(rng.normal(1, 0.1, w.shape)).astype(np.float32) for w in layer.get_weights()[2:]])
     x = rng.rand(1, 80, 32, 32, 1).astype(np.float32)
-    staged = network.StagedUNet(model, slab=32)  # 80 = two full slabs and a half one
-    np.testing.assert_array_equal(staged.predict(x), model.predict(x, verbose=0))
+    whole = model.predict(x, verbose=0)
+    for fine_levels in (1, 2):
+        staged = network.StagedUNet(model, slab=32, fine_levels=fine_levels)  # 80 = two full slabs and a half one
+        np.testing.assert_array_equal(staged.predict(x), whole)
+    parts = list(network.StagedUNet(model, slab=16).predict_slabs(x))
+    assert [(x0, x1) for x0, x1, _ in parts] == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 80)]
+    np.testing.assert_array_equal(np.concatenate([p for _, _, p in parts], axis=1), whole)
+
+
+def _slabs_of(volume: np.ndarray, slab: int):
+    for x0 in range(0, volume.shape[1], slab):
+        yield x0, min(volume.shape[1], x0 + slab), volume[:, x0:x0 + slab].copy()
+
+
+def test_blur_and_flip_average_in_slabs_equal_whole_volume():
+    """The flipped pass is blurred and averaged slab by slab; it must give the whole-volume bits."""
+    rng = np.random.RandomState(4)
+    post = rng.rand(1, 37, 12, 10, 4).astype(np.float32)
+    flipped = rng.rand(1, 37, 12, 10, 4).astype(np.float32)
+    blur = network.ChannelBlur(0.5)
+    flip = np.array([0, 2, 1, 3])
+    whole = network.average_flipped(blur(post.copy()), blur(flipped.copy()), flip)
+    for slab in (1, 5, 16, 37, 64):
+        blurred = list(network.blurred_slabs(_slabs_of(flipped, slab), blur))
+        np.testing.assert_array_equal(np.concatenate([p for _, _, p in blurred], axis=1), blur(flipped.copy()))
+        got = network.average_flipped_slabs(blur(post.copy()), iter(blurred), flip)
+        np.testing.assert_array_equal(got, whole)

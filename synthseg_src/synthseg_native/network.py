@@ -7,6 +7,8 @@ that TensorFlow executes the same kernels in the same order and produces the sam
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import tensorflow as tf
 
@@ -142,70 +144,128 @@ class ArgmaxLabels:
 
 
 class StagedUNet:
-    """Runs a trained :func:`unet` in exact stages so no full-resolution tensor of many channels is held whole.
+    """Runs a trained :func:`unet` in exact stages so no high-resolution tensor of many channels is held whole.
 
-    stem (image → last full-resolution encoder conv, the skip), pool (BatchNorm + max-pool of the skip) and
-    head (skip + upsampled coarse output → two convs, BatchNorm, likelihood, softmax) run in slabs along the
-    first axis, with a 2-voxel halo for the two 3×3×3 convs; only the coarse middle (half resolution and
-    below) runs on the whole volume. Measured bit-identical to one ``predict`` of the whole model. The
-    ``tf.identity`` after the stem matters: a conv output that is itself fetched is not fused with its bias
-    and ELU by TensorFlow's remapper, and the unfused kernels round differently.
+    For each of the ``fine_levels`` top resolutions, three stages run in slabs along the first axis: stem
+    (level input → its last encoder conv, the skip), pool (BatchNorm + max-pool of the skip) and head
+    (skip + upsampled coarser output → two convs and BatchNorm; at full resolution also likelihood and
+    softmax), with a 2-voxel halo for the two 3×3×3 convs. Only the coarse middle runs on the whole
+    volume. Measured bit-identical to one ``predict`` of the whole model. The ``tf.identity`` after each
+    stem matters: a conv output that is itself fetched is not fused with its bias and ELU by
+    TensorFlow's remapper, and the unfused kernels round differently.
+
+    Why two levels: TensorFlow's oneDNN allocator keeps its high-water mark for the life of the
+    process, so the largest single graph sets the floor of the peak memory; with only the top level in
+    slabs the half-resolution convs (144 channels after the skip merge) left ~2 GB behind.
     """
 
-    def __init__(self, model: tf.keras.Model, prefix: str = "unet", n_levels: int = 5, slab: int = 16):
-        self.slab, self.halo = slab, 2
+    def __init__(self, model: tf.keras.Model, prefix: str = "unet", n_levels: int = 5, slab: int = 16,
+                 fine_levels: int = 2):
+        self.slab, self.halo, self.fine = slab, 2, fine_levels
+        self._fns: dict[int, tf.types.experimental.GenericFunction] = {}
         layer = model.get_layer
-        top = f"{prefix}_conv_downarm_0_1"
-        self.stem = tf.keras.Model(model.inputs, KL.Lambda(tf.identity)(layer(top).output))
-        n_skip = layer(top).output.shape[-1]
-        skip_in = KL.Input(shape=[None, None, None, n_skip])
-        self.pool = tf.keras.Model(skip_in, layer(f"{prefix}_maxpool_0")(layer(f"{prefix}_bn_down_0")(skip_in)))
-        x = pooled_in = KL.Input(shape=[None, None, None, n_skip])
+        self.stems: list[tf.keras.Model] = []
+        self.pools: list[tf.keras.Model] = []
+        self.heads: list[tf.keras.Model] = []
+        level_in = model.inputs
+        for level in range(fine_levels):
+            top = layer(f"{prefix}_conv_downarm_{level}_1")
+            x = level_in[0]
+            for conv in range(2):
+                x = layer(f"{prefix}_conv_downarm_{level}_{conv}")(x)
+            self.stems.append(tf.keras.Model(level_in, KL.Lambda(tf.identity)(x)))
+            skip_in = KL.Input(shape=[None, None, None, top.filters])
+            pooled = layer(f"{prefix}_maxpool_{level}")(layer(f"{prefix}_bn_down_{level}")(skip_in))
+            self.pools.append(tf.keras.Model(skip_in, pooled))
+            level_in = [KL.Input(shape=[None, None, None, top.filters])]
+        x = core_in = level_in[0]
         skips = {}
-        for level in range(1, n_levels):
+        for level in range(fine_levels, n_levels):
             for conv in range(2):
                 x = layer(f"{prefix}_conv_downarm_{level}_{conv}")(x)
             skips[level] = x
             x = layer(f"{prefix}_bn_down_{level}")(x)
             if level < n_levels - 1:
                 x = layer(f"{prefix}_maxpool_{level}")(x)
-        for level in range(n_levels - 2):
-            x = layer(f"{prefix}_up_{n_levels + level}")(x)
-            x = layer(f"{prefix}_merge_{n_levels + level}")([skips[n_levels - 2 - level], x])
-            for conv in range(2):
-                x = layer(f"{prefix}_conv_uparm_{n_levels + level}_{conv}")(x)
-            x = layer(f"{prefix}_bn_up_{level}")(x)
-        self.core = tf.keras.Model(pooled_in, x)
-        last = n_levels - 2
-        skip2 = KL.Input(shape=[None, None, None, n_skip])
-        low = KL.Input(shape=[None, None, None, x.shape[-1]])
-        y = layer(f"{prefix}_merge_{n_levels + last}")([skip2, layer(f"{prefix}_up_{n_levels + last}")(low)])
-        for name in (f"conv_uparm_{n_levels + last}_0", f"conv_uparm_{n_levels + last}_1", f"bn_up_{last}",
-                     "likelihood", "prediction"):
-            y = layer(f"{prefix}_{name}")(y)
-        self.head = tf.keras.Model([skip2, low], y)
+        for res in range(n_levels - 2, fine_levels - 1, -1):  # decoder levels that stay in the core
+            x = self._decoder_level(layer, prefix, n_levels, res, skips[res], x)
+        self.core = tf.keras.Model(core_in, x)
+        for res in range(fine_levels - 1, -1, -1):
+            skip = KL.Input(shape=[None, None, None, layer(f"{prefix}_conv_downarm_{res}_1").filters])
+            low = KL.Input(shape=[None, None, None, x.shape[-1]])
+            x = self._decoder_level(layer, prefix, n_levels, res, skip, low)
+            if res == 0:
+                x = layer(f"{prefix}_prediction")(layer(f"{prefix}_likelihood")(x))
+            self.heads.insert(0, tf.keras.Model([skip, low], x))
+
+    @staticmethod
+    def _decoder_level(layer, prefix: str, n_levels: int, res: int, skip, low):
+        """Upsample, merge with the skip, two convs and BatchNorm: decoder level ``res`` of the U-Net."""
+        u = n_levels + (n_levels - 2 - res)
+        x = layer(f"{prefix}_merge_{u}")([skip, layer(f"{prefix}_up_{u}")(low)])
+        for conv in range(2):
+            x = layer(f"{prefix}_conv_uparm_{u}_{conv}")(x)
+        return layer(f"{prefix}_bn_up_{n_levels - 2 - res}")(x)
 
     def predict(self, image: np.ndarray, verbose: int = 0) -> np.ndarray:
         """Same call as ``Model.predict`` so either can serve the runner."""
-        skip = self._slabs(self.stem, image, halo=self.halo)
-        pooled = self._slabs(self.pool, skip, halo=0, shrink=2)
-        low = self.core.predict(pooled, verbose=verbose)
-        del pooled
-        return self._slabs(self.head, skip, halo=self.halo, coarse=low)
+        out = None
+        for x0, x1, part in self.predict_slabs(image):
+            if out is None:
+                out = np.empty((1, image.shape[1]) + part.shape[2:], dtype=part.dtype)
+            out[:, x0:x1] = part
+        return out
+
+    def predict_slabs(self, image: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """The network's output as consecutive slabs ``(x0, x1, output[:, x0:x1])`` along axis 1.
+
+        Lets a caller consume the full-resolution output without ever holding all of it.
+        """
+        skips = []
+        x = image
+        for level in range(self.fine):
+            skips.append(self._slabs(self.stems[level], x, halo=self.halo))
+            x = self._slabs(self.pools[level], skips[-1], halo=0, shrink=2)
+        low = self._call(self.core, x)
+        del x
+        for level in range(self.fine - 1, 0, -1):
+            low = self._slabs(self.heads[level], skips.pop(), halo=self.halo, coarse=low)
+        yield from self._iter_slabs(self.heads[0], skips.pop(), halo=self.halo, coarse=low)
+
+    def _call(self, net: tf.keras.Model, inputs) -> np.ndarray:
+        """One inference call through a traced function (no Keras ``predict`` data pipeline per slab)."""
+        fn = self._fns.get(id(net))
+        if fn is None:
+            specs = [tf.TensorSpec([1, None, None, None, t.shape[-1]], tf.float32) for t in net.inputs]
+            fn = tf.function(lambda *xs: net(list(xs) if len(xs) > 1 else xs[0], training=False),
+                             input_signature=specs)
+            self._fns[id(net)] = fn
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        return fn(*inputs).numpy()
 
     def _slabs(self, net: tf.keras.Model, fine: np.ndarray, halo: int, shrink: int = 1,
                coarse: np.ndarray | None = None) -> np.ndarray:
-        """Apply ``net`` slab by slab along axis 1 of ``fine`` (and of ``coarse``, at half resolution)."""
-        size, out = fine.shape[1], None
+        """Apply ``net`` slab by slab along axis 1 of ``fine`` and assemble the result."""
+        out = None
+        for x0, x1, part in self._iter_slabs(net, fine, halo, shrink, coarse):
+            if out is None:
+                out = np.empty((1, fine.shape[1] // shrink) + part.shape[2:], dtype=part.dtype)
+            out[:, x0:x1] = part
+        return out
+
+    def _iter_slabs(self, net: tf.keras.Model, fine: np.ndarray, halo: int, shrink: int = 1,
+                    coarse: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``net`` on slabs of axis 1 of ``fine`` (and of ``coarse``, at half resolution), with a halo.
+
+        Slab starts and halos are even, so a slab of ``coarse`` upsamples onto exactly its fine slab.
+        """
+        size = fine.shape[1]
         for x0 in range(0, size, self.slab):
             x1 = min(size, x0 + self.slab)
             a, b = max(0, x0 - halo), min(size, x1 + halo)
             inputs = fine[:, a:b] if coarse is None else [fine[:, a:b], coarse[:, a // 2:b // 2]]
-            part = net.predict(inputs, verbose=0)
-            if out is None:
-                out = np.empty((1, size // shrink) + part.shape[2:], dtype=part.dtype)
-            out[:, x0 // shrink:x1 // shrink] = part[:, (x0 - a) // shrink:(x1 - a) // shrink]
-        return out
+            part = self._call(net, inputs)
+            yield x0 // shrink, x1 // shrink, part[:, (x0 - a) // shrink:(x1 - a) // shrink]
 
 
 class ChannelBlur:
@@ -226,6 +286,48 @@ class ChannelBlur:
         for c in range(post.shape[-1]):
             post[..., c] = self.fn(np.ascontiguousarray(post[..., c:c + 1])).numpy()[..., 0]
         return post
+
+
+def blurred_slabs(slabs: Iterator[tuple[int, int, np.ndarray]], blur: ChannelBlur
+                  ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Blur a volume that arrives as consecutive slabs along axis 1, one slab behind the input.
+
+    The 3×3×3 Gaussian needs one row on each side of a slab, so each slab is blurred together with
+    the last row of the slab before and the first row of the slab after; at the volume's ends the
+    convolution's own zero padding applies, as on the whole volume. Same bits as blurring it whole.
+    """
+    before = pending = None
+    for x0, x1, part in slabs:
+        if pending is not None:
+            yield _blur_window(blur, before, pending, part[:, :1])
+            before = pending[2][:, -1:]
+        pending = (x0, x1, part)
+    if pending is not None:
+        yield _blur_window(blur, before, pending, None)
+
+
+def _blur_window(blur: ChannelBlur, before: np.ndarray | None, pending: tuple[int, int, np.ndarray],
+                 after: np.ndarray | None) -> tuple[int, int, np.ndarray]:
+    x0, x1, part = pending
+    window = blur(np.concatenate([p for p in (before, part, after) if p is not None], axis=1))
+    lo = 0 if before is None else 1
+    return x0, x1, window[:, lo:lo + x1 - x0]
+
+
+def average_flipped_slabs(post: np.ndarray, slabs: Iterator[tuple[int, int, np.ndarray]],
+                          flip: np.ndarray) -> np.ndarray:
+    """:func:`average_flipped` with the flipped prediction arriving in slabs, so it is never held whole.
+
+    Slab ``[x0, x1)`` of the flipped volume lands on ``[X - x1, X - x0)`` of ``post``, mirrored; the
+    float32 operations per voxel are those of :func:`average_flipped`.
+    """
+    size = post.shape[1]
+    for x0, x1, part in slabs:
+        target, back = post[:, size - x1:size - x0], part[:, ::-1]
+        for c in range(post.shape[-1]):
+            target[..., c] += back[..., int(flip[c])]
+    post *= np.float32(0.5)
+    return post
 
 
 def average_flipped(post: np.ndarray, post_flipped: np.ndarray, flip: np.ndarray) -> np.ndarray:

@@ -87,7 +87,6 @@ class Predictor:
             else:
                 self.model = network.unet_model(len(self.labels.labels))
         self.blur = None if opts.robust else network.ChannelBlur(SIGMA_POSTERIORS)
-        self._average = network.average_flipped
         path = self.weight_paths[key]
         assign(self.model, read_weights(path), path)
         # The plain U-Nets run in stages (same bits, a fraction of the memory); robust stays one graph.
@@ -127,9 +126,11 @@ class Predictor:
         if self.blur is None:  # robust: no smoothing anywhere
             blurred = returned = soft
         elif self.flip is not None:
+            from .network import average_flipped_slabs, blurred_slabs
+
             blurred = self.blur(soft)
-            flipped = self.blur(self.run_seg.predict(np.ascontiguousarray(image[:, ::-1]), verbose=0))
-            blurred = returned = self._average(blurred, flipped, self.flip)
+            flipped = self.run_seg.predict_slabs(np.ascontiguousarray(image[:, ::-1]))
+            blurred = returned = average_flipped_slabs(blurred, blurred_slabs(flipped, self.blur), self.flip)
         else:
             returned = soft.copy() if heads else None
             blurred = self.blur(soft)
