@@ -46,6 +46,7 @@ class Timings:
 
     stages: dict[str, float] = field(default_factory=dict)
     peak_gb: dict[str, float] = field(default_factory=dict)
+    network_flop: int = 0
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
@@ -93,6 +94,7 @@ class Predictor:
         self.run_seg = self.model if opts.robust else network.StagedUNet(self.model)
         self.channels = network.ArgmaxLabels(np.arange(len(self.labels.labels)))
         self.parc_model = self.qc_model = None
+        self._flop_cache: dict[tuple[int, ...], int] = {}
         if opts.parc:
             self.parc_model = self._load("parc", network.parc_model(len(L.parcellation_labels())))
             self.run_parc = network.StagedUNet(self.parc_model, prefix="unet_parc")
@@ -108,6 +110,21 @@ class Predictor:
         self.weight_paths[key] = path
         assign(model, read_weights(path), path)
         return model
+
+    def network_flop(self, shape: tuple[int, ...]) -> int:
+        """Convolution FLOPs the segmentation (both passes) and parcellation networks spend on one padded input.
+
+        The QC network and the posterior blur are not counted (a small fraction; see flops.py).
+        """
+        from .flops import conv_flops
+
+        key = tuple(shape)
+        if key not in self._flop_cache:
+            total = conv_flops(self.model, key) * (1 if self.flip is None else 2)
+            if self.parc_model is not None:
+                total += conv_flops(self.parc_model, key[:-1] + (3,))
+            self._flop_cache[key] = total
+        return self._flop_cache[key]
 
     def weights_digest(self) -> dict[str, str]:
         return {os.path.basename(p): file_sha256(p) for p in self.weight_paths.values()}
@@ -204,6 +221,10 @@ def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
     if opts.profile:
         for stage, sec in timings.stages.items():
             log("INFO", f"profile {stage}: {sec:.3f} s (peak RSS so far {timings.peak_gb[stage]:.2f} GB)")
+        if timings.network_flop and timings.stages.get("network"):
+            gflop = timings.network_flop / 1e9
+            log("INFO", f"profile network throughput: {gflop:.1f} GFLOP (convolutions) in "
+                        f"{timings.stages['network']:.3f} s = {gflop / timings.stages['network']:.1f} GFLOP/s")
     if failed:
         log("ERR", f"{len(failed)} of {n} image(s) failed: {', '.join(failed)}")
         return 1
@@ -227,6 +248,11 @@ def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timin
     post_seg, post_parc, qc_scores = predictor.predict(prep.image)
     t2 = time.perf_counter()
     timings.add("network", t2 - t1)
+    if opts.profile:
+        timings.network_flop += predictor.network_flop(prep.image.shape[1:])
+        log("INFO", f"profile {path}: network input {'x'.join(map(str, prep.image.shape[1:4]))}, "
+                    f"{t2 - t1:.3f} s")
+        t2 = time.perf_counter()  # tracing the FLOP count is not network time
     labels_parc = L.parcellation_labels() if post_parc is not None else None
     result = postprocess(post_seg, post_parc, prep.shape, prep.pad_idx, prep.crop_idx, label_set.labels,
                          labels_parc, prep.affine, prep.resolution, opts.fast or opts.robust,

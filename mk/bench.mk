@@ -1,0 +1,17 @@
+# Benchmarks: hyperfine over the native engine, the upstream reference (SYNTHSEG_HOME) and the Docker
+# baseline, and the conv3d roofline. Included by the Makefile; docs/performance.md explains the results.
+
+RUNS ?= 5
+WARMUP ?= 1
+RESULTS ?=
+
+.PHONY: bench roofline
+
+bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS=]
+	@$(PY) -m synthseg_native.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
+		$(if $(THREADS),--threads "$(THREADS)") $(if $(FLAGS),--flags "$(FLAGS)") \
+		$(if $(RESULTS),--results "$(RESULTS)")
+
+roofline: $(STAMP) ## Conv3D throughput of this machine, fp32 and bf16/fp16 where supported [THREADS= RESULTS=]
+	@$(PY) -m synthseg_native.roofline $(if $(THREADS),--threads "$(THREADS)") \
+		--out "$(or $(RESULTS),results/$(shell date +%F)-$(shell hostname -s 2>/dev/null || hostname))/roofline.json"

@@ -1,0 +1,133 @@
+"""``make bench`` end to end on a tiny input (one run, no warm-up), and the FLOP counter by hand.
+
+No timing is asserted anywhere: the tests check that every engine that can run here is benchmarked
+under hyperfine, that the ones that cannot are reported as skipped, and that every report file exists
+and holds what it claims (rows, peak memory, stage breakdown, roofline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine_fixtures import ROOT
+from fake_synthseg import make_checkout
+from synthseg_native import bench, flops, network
+
+KL = tf.keras.layers
+
+
+def test_flop_count_of_a_one_level_unet_by_hand():
+    """One level: conv 1→24 (3³), conv 24→24 (3³), BatchNorm, likelihood 24→5 (1³), softmax."""
+    image = KL.Input(shape=[None, None, None, 1])
+    model = tf.keras.Model(image, network.unet(image, "unet", 5, n_levels=1))
+    voxels = 8 * 6 * 4
+    by_hand = voxels * (24 * (2 * 27 * 1 + 1) + 24 * (2 * 27 * 24 + 1) + 5 * (2 * 24 + 1))
+    assert flops.conv_flops(model, (8, 6, 4, 1)) == by_hand
+
+
+def test_flop_count_of_the_synthseg_unet_per_voxel():
+    """The 5-level SynthSeg U-Net: 311,004 FLOPs of multiply-adds plus 160.6875 bias adds per input voxel
+    (levels shrink by 8 in voxel count; summed by hand over the 19 convolutions)."""
+    per_voxel = flops.conv_flops(network.unet_model(33), (32, 32, 32, 1)) / 32 ** 3
+    assert per_voxel == pytest.approx(311004 + 160.6875, abs=1e-9)
+
+
+def test_parse_profile_lines():
+    text = ("[INFO] profile /a.nii.gz: network input 96x96x96, 1.000 s\n"
+            "[INFO] profile load_weights: 0.500 s (peak RSS so far 0.70 GB)\n"
+            "[INFO] profile network: 12.250 s (peak RSS so far 4.90 GB)\n"
+            "[INFO] profile network throughput: 1305.4 GFLOP (convolutions) in 12.250 s = 106.6 GFLOP/s\n")
+    got = bench.parse_profile(text)
+    assert got["stages"]["network"] == {"seconds": 12.25, "peak_rss_gb": 4.9}
+    assert got["network_gflops"] == 106.6 and got["network_input"] == "96x96x96"
+
+
+@pytest.fixture
+def tiny(tmp_path, mni_img) -> Path:
+    import nibabel as nib
+
+    from engine_fixtures import crop_img
+
+    path = tmp_path / "tiny scan.nii.gz"  # a space on purpose: commands go through hyperfine's shell
+    nib.save(crop_img(mni_img, (74, 90, 66), (40, 44, 40)), path)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("hyperfine") is None, reason="hyperfine (the CLI tool) is not installed; CI has it")
+def test_bench_end_to_end(tmp_path, tiny, weights):
+    models = weights.need("seg2")
+    home = make_checkout(tmp_path / "upstream")  # a stand-in upstream checkout: the reference row runs
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    (fake / "docker").chmod(0o755)
+    res = tmp_path / "report"
+    env = dict(os.environ, SYNTHSEG_HOME=str(home), FAKE_RECORD=str(tmp_path / "fake.json"), FAKE_WRITE="1",
+               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, "-m", "synthseg_native.bench", "--in", str(tiny), "--runs", "1",
+                           "--warmup", "0", "--threads", "1", "--models", str(models), "--results", str(res),
+                           "--work", str(tmp_path / "work"), "--roofline-size", "0.12", "--roofline-repeats", "1"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "[SKIP] baseline: the Docker daemon is not reachable" in proc.stdout
+    for name in ("hyperfine.json", "hyperfine.md", "machine.json", "profile.json", "roofline.json", "summary.json",
+                 "summary.md", "chart.png"):
+        assert (res / name).is_file() and (res / name).stat().st_size > 0, name
+    hf = json.loads((res / "hyperfine.json").read_text())
+    assert [r["command"] for r in hf["results"]] == ["native", "reference"]
+    assert all(len(r["times"]) == 1 for r in hf["results"])
+    summary = json.loads((res / "summary.json").read_text())
+    rows = {r["engine"]: r for r in summary["rows"]}
+    assert rows["native"]["peak_rss_kb"] > 100_000  # TensorFlow alone is more than 100 MB
+    assert rows["native"]["speedup_vs_reference"] > 0
+    assert summary["skipped"]["baseline"].startswith("the Docker daemon is not reachable")
+    assert {"load_weights", "preprocess", "network", "postprocess", "write"} <= set(summary["profile"]["stages"])
+    assert summary["profile"]["network_gflops"] > 0
+    table = (res / "summary.md").read_text()
+    for needle in ("| native |", "| reference |", "| baseline | skipped", "Native stage breakdown", "GFLOP/s",
+                   "float32", "Conv3D roofline", "tensorflow: 2.15.1"):
+        assert needle in table, needle
+    assert json.loads((res / "roofline.json").read_text())["best_gflops"]["float32"] > 0
+    assert (res / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the reference engine really ran through the runner: the fake upstream recorded its arguments
+    assert json.loads((tmp_path / "fake.json").read_text())["path_images"] == str(tiny)
+    assert not (tmp_path / "work" / "runs").exists()  # outputs of the runs are scratch
+
+
+def test_bench_without_hyperfine_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert bench.main(["--results", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "[ERR] hyperfine not found" in err and "apt-get install hyperfine" in err and "never 'pip" in err
+
+
+def test_rss_wrapper_records_the_child(tmp_path):
+    record = tmp_path / "rss.jsonl"
+    code = "import numpy as np; a = np.ones(60_000_000); print(a.sum())"  # ~480 MB
+    rc = bench.rss_main(["--record", str(record), "--", sys.executable, "-c", code])
+    assert rc == 0
+    (line,) = record.read_text().splitlines()
+    assert json.loads(line)["peak_rss_kb"] > 400_000
+
+
+def test_summary_speedups_and_markdown():
+    hf = {"results": [{"command": "native", "mean": 10.0, "stddev": 1.0, "min": 9.0, "max": 11.0, "times": [9, 11]},
+                      {"command": "reference", "mean": 25.0, "stddev": 2.0, "min": 23.0, "max": 27.0,
+                       "times": [23, 27]}]}
+    rows = bench.summarise(hf, {"native": [2 * 1024 ** 2, 3 * 1024 ** 2], "reference": [9 * 1024 ** 2]})
+    assert rows[0]["speedup_vs_reference"] == 2.5 and rows[0]["peak_rss_kb"] == 3 * 1024 ** 2
+    md = bench.summary_markdown(rows, {"baseline": "no docker"}, {"cpu": "x"}, {}, None,
+                                {"date": "d", "input": "i", "flags": [], "threads": 2, "runs": 2, "warmup": 0,
+                                 "test_weights": True, "commands": []})
+    assert "| native | 10.00 ± 1.00 | 9.00 | 11.00 | 2.50× | — | 3.00 GiB |" in md
+    assert "| baseline | skipped: no docker" in md and "seeded random test weights" in md
+    assert np.isfinite(rows[1]["mean_s"])
