@@ -233,7 +233,7 @@ def machine_facts(python: str) -> dict:
             "'onednn': onednn_enabled()}))")
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
     tf_facts = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
-    from .roofline import cpu_flags
+    from .devices import cpu_flags
 
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gb": round(memory_bytes() / 1e9, 1),

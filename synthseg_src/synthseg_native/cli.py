@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="Folder with the weight files (searched first).")
     p.add_argument("--bn", choices=["auto", "fused", "unfused"], default="auto",
                    help="BatchNorm form: fused (exact, CPU/CUDA), unfused (Metal); auto picks per device.")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="Network arithmetic: fp32 (default, identical to upstream); bf16 (CPUs with AVX512-BF16/AMX, "
+                   "CUDA >= 8.0) or fp16 (CUDA) are faster but NOT identical (docs/precision.md). Falls back to fp32 "
+                   "with a warning where the hardware lacks support.")
     p.add_argument("--engine", choices=["native", "upstream"], default="native",
                    help="native (default) or upstream: run $SYNTHSEG_HOME's SynthSeg for comparison.")
     p.add_argument("--synthseg-home", help="Upstream SynthSeg checkout for --engine upstream "
@@ -61,6 +65,8 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--crop sizes must be positive, got {args.crop}")
     if args.engine == "upstream" and (args.keepgeom or args.addctab):
         raise UsageError("--keepgeom and --addctab are FreeSurfer 8 options; upstream SynthSeg has neither")
+    if args.engine == "upstream" and args.precision != "fp32":
+        raise UsageError("--precision is a native-engine option; upstream SynthSeg runs in fp32 only")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(i=args.i, o=args.o, parc=args.parc, robust=args.robust, fast=args.fast, ct=args.ct,
                    vol=args.vol, qc=args.qc, post=args.post, resample=args.resample, crop=crop,
                    threads=args.threads, cpu=args.cpu, v1=args.v1, keepgeom=args.keepgeom, addctab=args.addctab,
-                   models=args.models, bn=args.bn,
+                   models=args.models, bn=args.bn, precision=args.precision,
                    profile=args.profile, debug=args.debug)
     if args.engine == "upstream":
         return _run_upstream(opts, args.synthseg_home)
@@ -104,6 +110,13 @@ def _run_native(opts: Options, plan) -> int:
     if opts.cpu:
         devices.hide_gpus()
     threads = devices.configure_threads(opts.threads)
+    if opts.precision != "fp32":
+        why = devices.precision_unsupported(opts.precision)
+        if why:
+            log("WARN", f"--precision {opts.precision}: {why}; running in fp32 (identical to upstream)")
+            opts.precision = "fp32"
+        else:
+            version += f", {opts.precision} (not identical to upstream)"
     log("INFO", f"{version}, native engine, {len(plan.images)} image(s), {threads} thread(s), "
                 f"device {devices.network_device()}")
     return run(opts, plan)

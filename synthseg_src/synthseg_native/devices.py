@@ -36,6 +36,11 @@ def prepare_tensorflow(debug: bool = False) -> None:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     if not debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        # TensorFlow's Python warnings (e.g. its retracing heuristic, which counts the staged U-Net's
+        # per-stage functions as "retracing") are noise for users; --debug shows them.
+        import logging
+
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def onednn_enabled() -> bool:
@@ -76,6 +81,47 @@ def configure_threads(n: int | None = None) -> int:
         current = tf.config.threading.get_intra_op_parallelism_threads()
         return current or want
     return want
+
+
+PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags on Linux (empty elsewhere: then no reduced precision on the CPU)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def precision_unsupported(precision: str) -> str | None:
+    """Why ``precision`` cannot run fast on the device the networks will use (None: it can).
+
+    Reduced precision only pays where the hardware has it: bf16 on CPUs with AVX512-BF16 or AMX and on
+    CUDA GPUs of compute capability 8.0 or newer, fp16 on CUDA GPUs. TensorFlow 2.15 has no fast fp16
+    Conv3D on CPUs (a reference kernel, hundreds of times slower), and tensorflow-metal's reduced
+    precision is not validated here.
+    """
+    if precision == "fp32":
+        return None
+    import tensorflow as tf
+
+    gpus = tf.config.get_visible_devices("GPU") if tf.config.list_physical_devices("GPU") else []
+    if gpus:
+        if is_metal_gpu():
+            return "reduced precision is not validated on tensorflow-metal"
+        major = (tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") or (0, 0))[0]
+        if precision == "bf16" and major < 8:
+            return f"bf16 needs a CUDA GPU of compute capability 8.0 or newer (this one: {major}.x)"
+        return None
+    if precision == "fp16":
+        return "TensorFlow 2.15 has no fast float16 Conv3D on CPUs"
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return "this CPU has neither AVX512-BF16 nor AMX-BF16"
+    return None
 
 
 def is_metal_gpu() -> bool:

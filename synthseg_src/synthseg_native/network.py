@@ -44,7 +44,10 @@ def unet(inputs: tf.Tensor, prefix: str, n_labels: int, conv_size: int = 3, n_fe
                           name=f"{prefix}_conv_uparm_{n_levels + level}_{conv}")(x)
         x = KL.BatchNormalization(axis=-1, name=f"{prefix}_bn_up_{level}")(x)
     x = KL.Conv3D(n_labels, 1, activation=None, name=f"{prefix}_likelihood")(x)
-    return KL.Lambda(lambda t: tf.keras.activations.softmax(t, axis=4), name=f"{prefix}_prediction")(x)
+    # Under a reduced-precision policy (--precision) the softmax still runs, and returns, in float32.
+    mixed = tf.keras.mixed_precision.global_policy().compute_dtype != "float32"
+    return KL.Lambda(lambda t: tf.keras.activations.softmax(tf.cast(t, "float32") if mixed else t, axis=4),
+                     name=f"{prefix}_prediction", **({"dtype": "float32"} if mixed else {}))(x)
 
 
 def blur_kernel(sigma: float) -> tf.Tensor:
@@ -162,8 +165,9 @@ class StagedUNet:
     def __init__(self, model: tf.keras.Model, prefix: str = "unet", n_levels: int = 5, slab: int = 16,
                  fine_levels: int = 2):
         self.slab, self.halo, self.fine = slab, 2, fine_levels
-        self._fns: dict[int, tf.types.experimental.GenericFunction] = {}
+        self._fns: dict[tuple, tf.types.experimental.GenericFunction] = {}
         layer = model.get_layer
+        cdt = tf.keras.mixed_precision.global_policy().compute_dtype  # float32 unless --precision
         self.stems: list[tf.keras.Model] = []
         self.pools: list[tf.keras.Model] = []
         self.heads: list[tf.keras.Model] = []
@@ -174,10 +178,10 @@ class StagedUNet:
             for conv in range(2):
                 x = layer(f"{prefix}_conv_downarm_{level}_{conv}")(x)
             self.stems.append(tf.keras.Model(level_in, KL.Lambda(tf.identity)(x)))
-            skip_in = KL.Input(shape=[None, None, None, top.filters])
+            skip_in = KL.Input(shape=[None, None, None, top.filters], dtype=cdt)
             pooled = layer(f"{prefix}_maxpool_{level}")(layer(f"{prefix}_bn_down_{level}")(skip_in))
             self.pools.append(tf.keras.Model(skip_in, pooled))
-            level_in = [KL.Input(shape=[None, None, None, top.filters])]
+            level_in = [KL.Input(shape=[None, None, None, top.filters], dtype=cdt)]
         x = core_in = level_in[0]
         skips = {}
         for level in range(fine_levels, n_levels):
@@ -191,8 +195,8 @@ class StagedUNet:
             x = self._decoder_level(layer, prefix, n_levels, res, skips[res], x)
         self.core = tf.keras.Model(core_in, x)
         for res in range(fine_levels - 1, -1, -1):
-            skip = KL.Input(shape=[None, None, None, layer(f"{prefix}_conv_downarm_{res}_1").filters])
-            low = KL.Input(shape=[None, None, None, x.shape[-1]])
+            skip = KL.Input(shape=[None, None, None, layer(f"{prefix}_conv_downarm_{res}_1").filters], dtype=cdt)
+            low = KL.Input(shape=[None, None, None, x.shape[-1]], dtype=cdt)
             x = self._decoder_level(layer, prefix, n_levels, res, skip, low)
             if res == 0:
                 x = layer(f"{prefix}_prediction")(layer(f"{prefix}_likelihood")(x))
@@ -233,14 +237,19 @@ class StagedUNet:
         yield from self._iter_slabs(self.heads[0], skips.pop(), halo=self.halo, coarse=low)
 
     def _call(self, net: tf.keras.Model, inputs) -> np.ndarray:
-        """One inference call through a traced function (no Keras ``predict`` data pipeline per slab)."""
-        fn = self._fns.get(id(net))
+        """One inference call through a traced function (no Keras ``predict`` data pipeline per slab).
+
+        Between stages tensors keep the network's compute dtype (bfloat16/float16 under --precision).
+        """
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        key = (id(net), tuple(str(x.dtype) for x in inputs))
+        fn = self._fns.get(key)
         if fn is None:
-            specs = [tf.TensorSpec([1, None, None, None, t.shape[-1]], tf.float32) for t in net.inputs]
+            specs = [tf.TensorSpec([1, None, None, None, t.shape[-1]], tf.as_dtype(x.dtype))
+                     for t, x in zip(net.inputs, inputs)]
             fn = tf.function(lambda *xs: net(list(xs) if len(xs) > 1 else xs[0], training=False),
                              input_signature=specs)
-            self._fns[id(net)] = fn
-        inputs = inputs if isinstance(inputs, list) else [inputs]
+            self._fns[key] = fn
         return fn(*inputs).numpy()
 
     def _slabs(self, net: tf.keras.Model, fine: np.ndarray, halo: int, shrink: int = 1,

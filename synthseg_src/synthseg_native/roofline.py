@@ -17,8 +17,8 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from .devices import cpu_flags
 from .runner import log
 
 # (name, spatial edge at full size, C_in, C_out): the U-Net's dominant convolutions, by level.
@@ -38,16 +38,6 @@ class Result:
     gflop: float
     seconds: float
     gflops: float
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 CPU_FP16 = ("TensorFlow 2.15 has no oneDNN float16 Conv3D on CPU: it falls back to a reference kernel "

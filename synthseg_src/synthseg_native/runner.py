@@ -36,6 +36,7 @@ class Options(SynthSegFlags):
     addctab: bool = False
     models: str | None = None
     bn: str = "auto"
+    precision: str = "fp32"
     profile: bool = False
     debug: bool = False
 
@@ -82,7 +83,7 @@ class Predictor:
         key = "robust" if opts.robust else ("seg1" if opts.v1 else "seg2")
         self.weight_paths = {key: find_weights(MODEL_FILES[key], opts.models)}
         self.flip = None if (opts.fast or opts.robust) else self.labels.flip
-        with _batchnorm_form(self.bn):
+        with _batchnorm_form(self.bn), _precision_policy(opts.precision):
             if opts.robust:
                 self.model = network.robust_model(len(self.labels.labels), len(L.denoiser_groups()))
             else:
@@ -91,13 +92,17 @@ class Predictor:
         path = self.weight_paths[key]
         assign(self.model, read_weights(path), path)
         # The plain U-Nets run in stages (same bits, a fraction of the memory); robust stays one graph.
-        self.run_seg = self.model if opts.robust else network.StagedUNet(self.model)
+        with _precision_policy(opts.precision):
+            self.run_seg = self.model if opts.robust else network.StagedUNet(self.model)
         self.channels = network.ArgmaxLabels(np.arange(len(self.labels.labels)))
         self.parc_model = self.qc_model = None
         self._flop_cache: dict[tuple[int, ...], int] = {}
         if opts.parc:
-            self.parc_model = self._load("parc", network.parc_model(len(L.parcellation_labels())))
-            self.run_parc = network.StagedUNet(self.parc_model, prefix="unet_parc")
+            with _precision_policy(opts.precision):
+                parc = network.parc_model(len(L.parcellation_labels()))
+            self.parc_model = self._load("parc", parc)
+            with _precision_policy(opts.precision):
+                self.run_parc = network.StagedUNet(self.parc_model, prefix="unet_parc")
             self.parc_blur = network.ChannelBlur(SIGMA_POSTERIORS)
         if opts.qc:
             self.qc_model = self._load("qc", network.qc_model(len(np.unique(self.labels.qc_groups))))
@@ -162,6 +167,35 @@ class Predictor:
             channels = self.channels(returned if self.parc_model is not None else blurred)
             qc_scores = self.qc_model.predict(qc_heads.qc_input(channels[0], self.labels), verbose=0)
         return returned, post_parc, qc_scores
+
+
+class _precision_policy:
+    """Context that builds Keras layers under a reduced-precision policy (--precision bf16/fp16).
+
+    Weights stay float32 (the same files load); convolutions run in the reduced type and the softmax in
+    float32. fp32 leaves the global policy untouched, so the default graph is exactly upstream's.
+    """
+
+    def __init__(self, precision: str):
+        from .devices import PRECISIONS
+
+        self.policy = PRECISIONS[precision]
+        self.saved = None
+
+    def __enter__(self):
+        if self.policy != "float32":
+            import tensorflow as tf
+
+            self.saved = tf.keras.mixed_precision.global_policy()
+            tf.keras.mixed_precision.set_global_policy(self.policy)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            import tensorflow as tf
+
+            tf.keras.mixed_precision.set_global_policy(self.saved)
+        return False
 
 
 class _batchnorm_form:
