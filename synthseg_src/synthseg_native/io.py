@@ -13,12 +13,15 @@ holds), so that a bad file in a batch costs one clear ``[ERR]`` line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import os
 import re
+import signal
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -150,14 +153,33 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     n_dims, n_channels = _dims(data.shape) if data.ndim > 1 else (1, 1)
     header = img.header
     # Voxel sizes of the spatial axes. Upstream takes as many as its channel guess leaves (two for a scan
-    # with <= 10 slices, which then crashes its resampling check); three is what such scans need.
+    # with <= 10 slices, four for a 4D series with > 10 frames: both then crash its resampling check);
+    # three is what such scans need.
     if image_extension(path) == ".mgz":
         res = np.array(header["delta"])
     else:
-        res = np.array(header["pixdim"][1:max(n_dims, min(3, data.ndim)) + 1])
+        res = np.array(header["pixdim"][1:min(max(n_dims, min(3, data.ndim)), 3) + 1])
     if not np.all(np.isfinite(res)):
         raise InputError(f"{path}: voxel sizes in the header are not finite ({res.tolist()})")
     return LoadedImage(data, affine, header, n_dims, n_channels, res)
+
+
+_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP back for a few system calls that must not be split: creating a
+    file and recording it for clean-up, renaming an image's outputs into place. The signal is delivered
+    (and cleans up as usual) right after the block."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _umask() -> int:
@@ -201,11 +223,14 @@ def check_writable(path: str | os.PathLike) -> None:
         raise OutputError(errno.EACCES, f"{target}: output folder {parent} is not writable")
 
 
-def _write_temp(target: Path, writer: Callable[[Path], None]) -> Path:
-    """Run ``writer`` on a fresh temporary beside ``target``; on any failure or interrupt no temp is left."""
+def _write_temp(target: Path, writer: Callable[[Path], None], temps: set[Path]) -> Path:
+    """Run ``writer`` on a fresh temporary beside ``target``, recorded in ``temps`` from the moment it
+    exists (whoever owns ``temps`` removes what is left there); on failure it is removed at once."""
     check_writable(target)
     try:
-        tmp = _temp_path(target)
+        with deferred_signals():  # no interrupt between creating the file and recording it
+            tmp = _temp_path(target)
+            temps.add(tmp)
     except OSError as exc:
         raise OutputError(exc.errno, f"{target}: cannot write ({exc.strerror or exc})") from exc
     try:
@@ -213,23 +238,32 @@ def _write_temp(target: Path, writer: Callable[[Path], None]) -> Path:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs follow the umask like any file
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        temps.discard(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(exc.errno, f"{target}: cannot write ({exc.strerror or exc})") from exc
         raise
     return tmp
 
 
+def _rename(tmp: Path, target: Path, temps: set[Path]) -> None:
+    try:
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise OutputError(exc.errno, f"{target}: cannot rename into place ({exc.strerror or exc})") from exc
+    temps.discard(tmp)
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and rename the result onto ``path`` only if it succeeded."""
     target = Path(path)
-    tmp = _write_temp(target, writer)
+    temps: set[Path] = set()
     try:
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(exc.errno, f"{target}: cannot rename into place ({exc.strerror or exc})") from exc
-        raise
+        tmp = _write_temp(target, writer, temps)
+        with deferred_signals():
+            _rename(tmp, target, temps)
+    finally:
+        for left in temps:
+            left.unlink(missing_ok=True)
 
 
 class StagedOutputs:
@@ -237,41 +271,41 @@ class StagedOutputs:
 
     A failure or an interrupt anywhere before the commit (a later output hitting a full disk, Ctrl-C
     in the post-processing) removes every temporary and leaves each target as it was: an image's
-    outputs are never half new, half missing. The renames themselves take microseconds; a SIGKILL in
-    between is what the provenance sidecar, written after them, guards against.
+    outputs are never half new, half missing. Signals are held back during the renames; a SIGKILL
+    among them is what the provenance sidecar, written after them, guards against.
     """
 
     def __init__(self) -> None:
-        self._staged: dict[Path, Path] = {}  # target -> temporary
+        self._staged: dict[Path, Path] = {}  # target -> its latest temporary
+        self._temps: set[Path] = set()       # every temporary not yet renamed or removed
 
     def write(self, path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
         target = Path(path)
-        tmp = _write_temp(target, writer)
-        old = self._staged.pop(target, None)
-        if old is not None:
-            old.unlink(missing_ok=True)
+        tmp = _write_temp(target, writer, self._temps)
+        old = self._staged.get(target)
         self._staged[target] = tmp
+        if old is not None:  # staged twice (an .mgz rewritten with its colour table): the first one is spent
+            old.unlink(missing_ok=True)
+            self._temps.discard(old)
 
     def source(self, path: str | os.PathLike) -> Path:
         """Where the staged content of ``path`` can be read before the commit (or ``path`` itself)."""
         return self._staged.get(Path(path), Path(path))
 
     def commit(self) -> None:
-        try:
-            while self._staged:
-                target, tmp = next(iter(self._staged.items()))
-                try:
-                    os.replace(tmp, target)
-                except OSError as exc:
-                    raise OutputError(exc.errno, f"{target}: cannot rename into place ({exc.strerror or exc})"
-                                      ) from exc
-                del self._staged[target]
-        finally:
-            self.abort()
+        """Rename everything into place; signals wait until the last rename, so Ctrl-C never splits a set."""
+        with deferred_signals():
+            try:
+                for target, tmp in self._staged.items():
+                    _rename(tmp, target, self._temps)
+            finally:
+                self._staged.clear()
+                self.abort()
 
     def abort(self) -> None:
-        for tmp in self._staged.values():
+        for tmp in self._temps:
             tmp.unlink(missing_ok=True)
+        self._temps.clear()
         self._staged.clear()
 
     def __enter__(self) -> StagedOutputs:
@@ -296,8 +330,11 @@ def save_image(volume: np.ndarray, affine: np.ndarray, header, path: str | os.Pa
 
 
 def write_text(path: str | os.PathLike, text: str, stage: StagedOutputs | None = None) -> None:
-    """Atomically replace a small text file (CSV, JSON sidecar)."""
+    """Atomically replace a small text file (CSV, JSON sidecar).
+
+    UTF-8; a file name that is not valid UTF-8 (a subject column) keeps its original bytes.
+    """
     def _write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             fh.write(text)
     (stage.write if stage is not None else atomic_write)(path, _write)

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from .io import deferred_signals
+
 
 class LockedError(Exception):
     """Another run holds the lock on an output; the message names the output and the holder."""
@@ -43,6 +45,10 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        with deferred_signals():  # an interrupt must not leave a descriptor or lock file nobody releases
+            self._acquire()
+
+    def _acquire(self) -> None:
         while True:
             fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -71,11 +77,12 @@ class OutputLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        try:
-            self.file.unlink(missing_ok=True)  # while still locked, so nobody else is holding this file
-        finally:
-            os.close(self._fd)  # closing the descriptor releases the lock
-            self._fd = None
+        with deferred_signals():
+            try:
+                self.file.unlink(missing_ok=True)  # while still locked, so nobody else is holding this file
+            finally:
+                os.close(self._fd)  # closing the descriptor releases the lock
+                self._fd = None
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -102,14 +109,12 @@ class LockSet:
         self.locks = [OutputLock(p) for p in unique]
 
     def __enter__(self) -> LockSet:
-        taken: list[OutputLock] = []
         try:
             for lock in self.locks:
                 lock.acquire()
-                taken.append(lock)
         except BaseException:
-            for lock in reversed(taken):
-                lock.release()
+            for lock in reversed(self.locks):
+                lock.release()  # a no-op for the locks not taken
             raise
         return self
 

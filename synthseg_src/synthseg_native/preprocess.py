@@ -71,7 +71,9 @@ def _check_intensities(data: np.ndarray, path: str) -> np.ndarray:
     lo, hi = np.min(data), np.max(data)
     if lo == hi:
         raise InputError(f"{path}: image is constant (every voxel is {lo:g}); nothing to segment")
-    if not np.isfinite(hi - lo):
+    with np.errstate(over="ignore"):
+        span = hi - lo
+    if not np.isfinite(span):
         raise InputError(f"{path}: intensity range [{lo:g}, {hi:g}] overflows double precision; "
                          "rescale the image")
     return data

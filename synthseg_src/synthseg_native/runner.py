@@ -95,7 +95,10 @@ class Predictor:
     """Holds the built and loaded network so a batch pays for model construction once."""
 
     def __init__(self, opts: Options, timings: Timings):
-        import tensorflow as tf  # noqa: F401  (imported here so --help stays fast)
+        import tensorflow as tf  # imported here so --help stays fast
+
+        if not opts.debug:  # e.g. "triggered tf.function retracing" in a batch: noise between the log lines
+            tf.get_logger().setLevel("ERROR")
 
         from . import network
         from .devices import is_metal_gpu
@@ -249,7 +252,8 @@ def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
         for stage, sec in timings.stages.items():
             log("INFO", f"profile {stage}: {sec:.3f} s (peak RSS so far {timings.peak_gb[stage]:.2f} GB)")
     if failed:
-        log("ERR", f"{len(failed)} of {n} image(s) failed: {', '.join(failed)}")
+        if n > 1:  # a single image's failure is already its one [ERR] line
+            log("ERR", f"{len(failed)} of {n} image(s) failed: {', '.join(failed)}")
         return 1
     return 0
 
@@ -259,8 +263,8 @@ def _describe(exc: Exception, path: str) -> str:
     known = isinstance(exc, (InputError, OSError, ValueError, LockedError, memory.MemoryShortage))
     detail = str(exc) if known else f"{type(exc).__name__}: {exc}"
     if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":
-        detail = f"out of memory ({detail.splitlines()[0] if detail else type(exc).__name__}); use --crop " \
-                 "(e.g. --crop 160) to segment a smaller centred patch"
+        cause = (str(exc).splitlines() or [type(exc).__name__])[0]
+        detail = f"out of memory ({cause}); use --crop (e.g. --crop 160) to segment a smaller centred patch"
     return detail if detail.startswith(path) else f"{path}: {detail}"
 
 
