@@ -547,6 +547,22 @@ def test_available_memory_is_read_from_the_system(monkeypatch):
     assert est.grid == (256, 256, 224) and est.need > 5e9
 
 
+@pytest.mark.parametrize("proc, files, room", [
+    ("0::/job\n", {"job/memory.max": "4000000000\n", "job/memory.current": "1000000000\n"}, 3e9),
+    ("0::/job\n", {"job/memory.max": "max\n", "job/memory.current": "1000000000\n"}, None),
+    ("5:cpu:/\n4:memory:/slurm/job_7\n", {"memory/slurm/job_7/memory.limit_in_bytes": "2000000000",
+                                            "memory/slurm/job_7/memory.usage_in_bytes": "500000000"}, 1.5e9),
+    ("4:memory:/\n", {"memory/memory.limit_in_bytes": str(2 ** 63 - 4096), "memory/memory.usage_in_bytes": "1"},
+     None),
+])
+def test_cgroup_limits_of_containers_and_batch_jobs_are_read(tmp_path, proc, files, room):
+    (tmp_path / "cgroup").write_text(proc)
+    for rel, text in files.items():
+        (tmp_path / "sys" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sys" / rel).write_text(text)
+    assert memory.cgroup_room(tmp_path / "cgroup", tmp_path / "sys") == room
+
+
 def test_out_of_memory_in_the_network_suggests_crop(models, t1, tmp_path, capsys, monkeypatch):
     from synthseg_native import runner
 

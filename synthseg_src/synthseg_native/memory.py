@@ -7,7 +7,8 @@ image's need is estimated first and an image that cannot fit is refused with a m
 how much it needs, how much there is, and that ``--crop`` shrinks the grid.
 
 The estimate is a fit to peak RSS measured with seeded test weights on this project's Linux VM
-(2 threads, CPU; see docs/reliability.md): within about ±10 % of the measurements it was fitted to.
+(2 threads, CPU; see docs/reliability.md): within about ±10 % of the measurements it was fitted to;
+more threads, another TensorFlow build or a GPU change the real figure.
 It is an estimate, so ``SYNTHSEG_MEMORY_GB`` overrides what the machine reports (``0`` turns the check
 off) for the cases where it is wrong: swap that should be used, or a GPU whose memory is separate.
 """
@@ -25,12 +26,14 @@ from .io import ImageInfo
 GB = 1e9
 ENV_OVERRIDE = "SYNTHSEG_MEMORY_GB"
 N_LEVELS = 5
-# Peak-RSS fit, bytes = base + per_voxel * (padded 1 mm voxels). Measured (test weights, 2 threads, CPU):
-# default 2.34 GB at 128^3, 4.39 GB at 160x192x160, 8.0 GB at 224x256x224; --fast 3.38 GB, --robust 6.05 GB,
-# --parc 5.94 GB at 160x192x160.
-BASE_BYTES = 1.5 * GB
-PER_VOXEL = {"default": 510.0, "fast": 380.0, "robust": 930.0}
-PER_VOXEL_PARC = 370.0      # the parcellation U-Net and its posteriors, on top of the segmentation
+# Peak-RSS fit, bytes = base + per_voxel * (padded 1 mm voxels). Measured with /usr/bin/time -v (test weights,
+# 2 threads, CPU, tensorflow 2.15.1 + oneDNN): default 2.34 GB at 128^3, 4.39 GB at 160x192x160, 8.0 GB at
+# 224x256x192 (full MNI152); at 160x192x160 --fast 3.38 GB, --robust 6.05 GB, --parc 5.94 GB; at 128^3
+# --parc --qc 6.46 GB (the QC network always works on a 224^3 grid, hence a fixed cost).
+BASE_BYTES = 1.15 * GB
+PER_VOXEL = {"default": 630.0, "fast": 460.0, "robust": 1000.0}
+PER_VOXEL_PARC = 350.0      # the parcellation U-Net and its posteriors, on top of the segmentation
+QC_BYTES = 3.3 * GB         # the QC network on its fixed 224^3 grid
 INPUT_COPIES = 3            # float64 input, its blurred copy and the resampled grid during preprocessing
 
 
@@ -61,28 +64,31 @@ def network_grid(info: ImageInfo, crop: list[int] | None) -> tuple[int, int, int
     return tuple(max(_round_up(s, step), _round_up(f, step)) for s, f in zip(shape, floor))  # type: ignore
 
 
-def estimate(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool) -> Estimate:
+def estimate(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool,
+             qc: bool = False) -> Estimate:
     grid = network_grid(info, crop)
     voxels = float(grid[0] * grid[1] * grid[2])
     mode = "robust" if robust else ("fast" if fast else "default")
     per_voxel = PER_VOXEL[mode] + (PER_VOXEL_PARC if parc else 0.0)
-    need = BASE_BYTES + per_voxel * voxels + INPUT_COPIES * 8.0 * math.prod(info.shape)
+    need = (BASE_BYTES + per_voxel * voxels + (QC_BYTES if qc else 0.0)
+            + INPUT_COPIES * 8.0 * math.prod(info.shape))
     return Estimate(grid, need)
 
 
-def _cgroup_room() -> float | None:
+def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+                ) -> float | None:
     """Bytes the process's cgroup (container, Slurm job) still allows, if it sets a limit."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = proc_cgroup.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, rel = line.split(":", 2)
         if controllers == "":  # cgroup v2
-            base = Path("/sys/fs/cgroup") / rel.lstrip("/")
+            base = root / rel.lstrip("/")
             files = (base / "memory.max", base / "memory.current")
         elif "memory" in controllers.split(","):  # cgroup v1
-            base = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+            base = root / "memory" / rel.lstrip("/")
             files = (base / "memory.limit_in_bytes", base / "memory.usage_in_bytes")
         else:
             continue
@@ -127,7 +133,7 @@ def available() -> tuple[float | None, str]:
         meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         room = float(int(meminfo["MemAvailable"].split()[0]) * 1024)
         where = "available memory"
-        cg = _cgroup_room()
+        cg = cgroup_room()
         if cg is not None and cg < room:
             room, where = cg, "memory left under this job's cgroup limit"
         return rss + room, where
@@ -139,12 +145,13 @@ def available() -> tuple[float | None, str]:
         return None, "unknown"
 
 
-def check(path: str, info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool) -> None:
+def check(path: str, info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool,
+          qc: bool = False) -> None:
     """Raise :class:`MemoryShortage` when the image clearly cannot be segmented in the memory there is."""
     room, where = available()
     if room is None:
         return
-    est = estimate(info, crop, fast, robust, parc)
+    est = estimate(info, crop, fast, robust, parc, qc)
     if est.need <= room:
         return
     grid = "x".join(map(str, est.grid))

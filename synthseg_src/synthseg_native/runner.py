@@ -293,7 +293,7 @@ def _segment(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: T
     path = plan.images[k]
     label_set = predictor.labels
     t0 = time.perf_counter()
-    memory.check(path, peek_image(path), opts.crop, opts.fast, opts.robust, opts.parc)
+    memory.check(path, peek_image(path), opts.crop, opts.fast, opts.robust, opts.parc, bool(opts.qc))
     img = load_image(path)
     prep = preprocess(img, path, crop=opts.crop, ct=opts.ct, min_pad=opts.crop)
     if plan.resample[k] is not None:
