@@ -9,6 +9,7 @@ rest runs in-process through ``cli.main`` to keep the suite fast.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import os
 import resource
@@ -130,6 +131,7 @@ def make_writable(folder: Path) -> None:
     ("crop not positive", ["--i", "{d}/t1.nii.gz", "--o", "{d}/s.nii.gz", "--crop", "0"], "must be positive"),
     ("crop not a number", ["--i", "{d}/t1.nii.gz", "--o", "{d}/s.nii.gz", "--crop", "1e2"], "invalid int value"),
     ("unknown flag", ["--i", "{d}/t1.nii.gz", "--o", "{d}/s.nii.gz", "--fastest"], "unrecognized arguments"),
+    ("threads", ["--i", "{d}/t1.nii.gz", "--o", "{d}/s.nii.gz", "--threads", "0"], "--threads must be >= 1"),
     ("conflicting flags", ["--i", "{d}/t1.nii.gz", "--o", "{d}/s.nii.gz", "--robust", "--v1"],
      "--robust cannot be used with --v1"),
     ("keepgeom upstream", ["--i", "{d}/t1.nii.gz", "--o", "{d}/s.nii.gz", "--engine", "upstream", "--keepgeom"],
@@ -171,7 +173,18 @@ def test_bad_images_fail_one_by_one_and_the_batch_goes_on(models, t1, tmp_path, 
     (src / "not_an_image.nii.gz").write_bytes(b"this is a text file")
     save(t1, src / "mismatch.nii")
     (src / "mismatch.nii").write_bytes((src / "mismatch.nii").read_bytes()[:-4000])
+    gz_mismatch = raw_nifti(tmp_path / "gz_mismatch.nii", data, aff)
+    hdr = nib.Nifti1Header.from_fileobj(open(gz_mismatch, "rb"))
+    hdr.set_data_shape((40, 48, 41))  # one slice more than the data holds
+    body = io.BytesIO()
+    hdr.write_to(body)  # 348 bytes and the 4-byte extension flag
+    assert body.tell() == 352
+    (src / "gz_mismatch.nii.gz").write_bytes(gzip.compress(body.getvalue() + gz_mismatch.read_bytes()[352:]))
+    raw_nifti(src / "nan_voxel_size.nii", data, aff, pixdim=[1, 1, np.nan, 1, 1, 0, 0, 0])
     save(data[:, :, 20], src / "flat_2d.nii.gz", aff)
+    thick = aff.copy()
+    thick[:3, 2] *= 10
+    save(data[:, :, 10:40:10], src / "three_slices.nii.gz", thick)  # 3 slices of 10 mm
     save(data[:5, :5, :5], src / "tiny_5x5x5.nii.gz", aff)
     save(np.zeros_like(data), src / "all_zero.nii.gz", aff)
     inf = data.copy()
@@ -201,7 +214,11 @@ def test_bad_images_fail_one_by_one_and_the_batch_goes_on(models, t1, tmp_path, 
         "truncated.nii.gz": "truncated or corrupt compressed file",
         "not_an_image.nii.gz": "cannot read image",
         "mismatch.nii": "header/data size mismatch",
+        "gz_mismatch.nii.gz": "header/data size mismatch: the header describes 314880 bytes of voxels, the file "
+                              "holds 307200",
+        "nan_voxel_size.nii": "voxel sizes in the header are not finite",
         "flat_2d.nii.gz": "input should have 3 dimensions, has 2",
+        "three_slices.nii.gz": "3D with at most 3 slices",
         "tiny_5x5x5.nii.gz": "too small for a head scan",
         "all_zero.nii.gz": "image is constant (every voxel is 0)",
         "inf.nii.gz": "1 infinite voxel(s)",
@@ -392,10 +409,10 @@ def test_stage_script_with_quotes_and_dollars_in_paths(models, t1, tmp_path):
 # ------------------------------------------------------------------------------ interrupts and kills
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupt_cleans_up_and_exits_128_plus_signal(models, inputs, tmp_path, sig):
-    """Ctrl-C or a scheduler's SIGTERM while an image is processed: one [ERR] line, no traceback, and
-    no file at all in the output folder (no output, no temporary, no lock)."""
+    """Ctrl-C, a scheduler's SIGTERM or a closed terminal's SIGHUP while an image is processed: one [ERR] line,
+    no traceback, and no file at all in the output folder (no output, no temporary, no lock)."""
     out = tmp_path / "out"
     proc = engine("-m", "synthseg_native", "--i", inputs["anatomical"], "--o", out / "seg.nii.gz",
                   "--post", out / "post.nii.gz", "--vol", out / "vols.csv", "--models", models, "--threads", "2")
