@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,22 +165,37 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     return LoadedImage(data, affine, header, n_dims, n_channels, res)
 
 
-_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
     """Hold Ctrl-C, SIGTERM and SIGHUP back for a few system calls that must not be split: creating a
-    file and recording it for clean-up, renaming an image's outputs into place. The signal is delivered
-    (and cleans up as usual) right after the block."""
-    if not hasattr(signal, "pthread_sigmask"):
+    file and recording it for clean-up, taking a lock, renaming an image's outputs into place. A signal
+    that arrives meanwhile is acted on (and cleans up as usual) right after the block.
+
+    Blocking the signal in the kernel is not enough: Python runs its handlers later, at any bytecode, so
+    a signal delivered just before the block would still raise inside it. The handlers themselves are
+    swapped for a recorder instead (main thread only; elsewhere signals never reach Python code).
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    caught: list[int] = []
+    previous: dict[int, object] = {}
     try:
+        for sig in _DEFERRED:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 def _umask() -> int:

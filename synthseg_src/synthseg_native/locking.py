@@ -45,8 +45,12 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        with deferred_signals():  # an interrupt must not leave a descriptor or lock file nobody releases
-            self._acquire()
+        try:
+            with deferred_signals():  # an interrupt must not leave a descriptor or lock file nobody releases
+                self._acquire()
+        except KeyboardInterrupt:  # delivered as the block ends, with the lock already taken
+            self.release()
+            raise
 
     def _acquire(self) -> None:
         while True:

@@ -243,8 +243,8 @@ def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
                 log("DONE", f"{path} -> {plan.seg[k]} ({time.perf_counter() - t_start:.1f} s)")
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
-            log("ERR", f"interrupted ({signal.Signals(signum).name}) while segmenting {plan.images[k]}: its "
-                       f"outputs were not written; {k - len(failed)} of {n} image(s) had finished")
+            log("ERR", f"interrupted ({signal.Signals(signum).name}) while segmenting {plan.images[k]}: no "
+                       f"partial output left; {k - len(failed)} of {n} image(s) had finished")
             if opts.debug:
                 traceback.print_exc()
             return 128 + signum
