@@ -319,10 +319,11 @@ class StagedOutputs:
                 self.abort()
 
     def abort(self) -> None:
-        for tmp in self._temps:
-            tmp.unlink(missing_ok=True)
-        self._temps.clear()
-        self._staged.clear()
+        with deferred_signals():  # a second Ctrl-C must not stop the clean-up half-way
+            for tmp in self._temps:
+                tmp.unlink(missing_ok=True)
+            self._temps.clear()
+            self._staged.clear()
 
     def __enter__(self) -> StagedOutputs:
         return self

@@ -117,12 +117,12 @@ class LockSet:
             for lock in self.locks:
                 lock.acquire()
         except BaseException:
-            for lock in reversed(self.locks):
-                lock.release()  # a no-op for the locks not taken
+            self.__exit__(None, None, None)  # releases the locks taken (a no-op for the others)
             raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        for lock in reversed(self.locks):
-            lock.release()
+        with deferred_signals():  # a second Ctrl-C must not stop the release half-way
+            for lock in reversed(self.locks):
+                lock.release()
