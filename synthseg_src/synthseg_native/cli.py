@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from types import FrameType
+from typing import NoReturn
 
 from .outputs import UsageError, plan_outputs
-from .runner import Options, log
+from .runner import Interrupted, Options, log
+
+N_LEVELS = 5  # the U-Net halves the grid 5 times: --crop sizes are rounded up to multiples of 2**5
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one [ERR] line and exit 2 like every other usage error."""
+
+    def error(self, message: str) -> NoReturn:
+        log("ERR", f"{message} (--help lists the flags)")
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="synthseg-native",
         description="SynthSeg brain MRI segmentation, native tf.keras engine (same flags as SynthSeg_predict.py).")
     p.add_argument("--i", help="Image to segment (.nii/.nii.gz/.mgz), a folder of images, or a .txt list.")
@@ -71,7 +84,34 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
 
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 all images done, 1 some failed, 2 usage error, 128+N stopped by signal N (130: Ctrl-C).
+
+    SIGTERM (batch schedulers, ``kill``) and SIGHUP (a closed terminal) are turned into exceptions for the
+    duration of the call, so they clean up temporaries and locks like Ctrl-C does.
+    """
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+        except (ValueError, OSError):  # not the main thread (an embedding application): leave signals alone
+            pass
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as exc:  # before or after the batch loop, which reports its own interrupts
+        signum = getattr(exc, "signum", signal.SIGINT)
+        log("ERR", f"interrupted ({signal.Signals(signum).name}); no output of the image in progress was written")
+        return 128 + signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -86,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         log("ERR", str(exc))
         return 2
+    if args.crop is not None and any(c % 2 ** N_LEVELS for c in args.crop):
+        rounded = [-(-c // 2 ** N_LEVELS) * 2 ** N_LEVELS for c in args.crop]
+        log("INFO", f"--crop {' '.join(map(str, args.crop))} is rounded up to {' '.join(map(str, rounded))} "
+                    f"(the network needs multiples of {2 ** N_LEVELS}), as upstream does")
     from .devices import prepare_tensorflow
 
     prepare_tensorflow(debug=args.debug)

@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .io import atomic_write, image_extension
+from .io import StagedOutputs, atomic_write, image_extension
 
 # index: (FreeSurferColorLUT name, R, G, B)
 SEGMENTATION_LUT: dict[int, tuple[str, int, int, int]] = {
@@ -106,24 +106,28 @@ def sidecar_path(seg_path: str | os.PathLike) -> Path:
     return p.with_name(p.name[: -len(ext)] + "_ctab.txt")
 
 
-def attach(seg_path: str | os.PathLike, seg: np.ndarray, parc: bool) -> Path:
-    """Embed the table in an .mgz segmentation, or write the sidecar for NIfTI; returns where it went."""
+def attach(seg_path: str | os.PathLike, seg: np.ndarray, parc: bool, stage: StagedOutputs | None = None) -> Path:
+    """Embed the table in an .mgz segmentation, or write the sidecar for NIfTI; returns where it went.
+
+    With ``stage``, the segmentation is read from its staged temporary and the result is staged too.
+    """
     table = lookup_table(parc)
     unknown = sorted(set(np.unique(seg).tolist()) - set(table))
     if unknown:
         raise ValueError(f"{seg_path}: labels without a colour: {unknown}")
+    write = stage.write if stage is not None else atomic_write
     if image_extension(seg_path) == ".mgz":
-        img = nib.load(str(seg_path))
+        img = nib.load(str(stage.source(seg_path) if stage is not None else seg_path))
         raw = img.to_bytes() + struct.pack(">i", 1) + binary_ctab(table)
 
         def _write(tmp: Path) -> None:
             with open(tmp, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0) as gz:
                 gz.write(raw)
 
-        atomic_write(seg_path, _write)
+        write(seg_path, _write)
         return Path(seg_path)
     side = sidecar_path(seg_path)
-    atomic_write(side, lambda tmp: Path(tmp).write_text(lut_text(table)))
+    write(side, lambda tmp: Path(tmp).write_text(lut_text(table)))
     return side
 
 

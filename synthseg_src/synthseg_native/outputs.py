@@ -29,6 +29,19 @@ class Plan:
     shared_csv: bool
     notes: list[str] = field(default_factory=list)
 
+    def image_outputs(self, k: int) -> list[str]:
+        """The files image ``k`` alone writes (its per-subject CSVs included, a shared CSV not)."""
+        paths = [self.seg[k], self.post[k], self.resample[k]]
+        if not self.shared_csv:
+            paths += [self.vol[k], self.qc[k]]
+        return [p for p in paths if p is not None]
+
+    def shared_outputs(self) -> list[str]:
+        """The CSV tables every image adds a row to (one file for a file or folder input)."""
+        if not self.shared_csv or not self.images:
+            return []
+        return [p for p in (self.vol[0], self.qc[0]) if p is not None]
+
 
 def _has_image_ext(path: str) -> bool:
     return any(ext in os.path.basename(path) for ext in IMAGE_EXTENSIONS)
@@ -48,6 +61,36 @@ def _suffixed(path: str, suffix: str) -> str:
 
 def plan_outputs(i: str, o: str, post: str | None = None, resample: str | None = None,
                  vol: str | None = None, qc: str | None = None) -> Plan:
+    plan = _plan(i, o, post, resample, vol, qc)
+    _check_collisions(plan)
+    return plan
+
+
+def _check_collisions(plan: Plan) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or each other (one file written twice
+    in a run keeps only the last image's result)."""
+    def key(path: str) -> str:
+        return os.path.normcase(os.path.realpath(path))
+
+    inputs = {key(p): p for p in plan.images}
+    seen: dict[str, str] = {}
+    per_image = [("--o", plan.seg), ("--post", plan.post), ("--resample", plan.resample)]
+    if not plan.shared_csv:
+        per_image += [("--vol", plan.vol), ("--qc", plan.qc)]
+    named = [(f"{flag} of {plan.images[k]}", p) for flag, paths in per_image for k, p in enumerate(paths)]
+    if plan.shared_csv and plan.images:
+        named += [("--vol table", plan.vol[0]), ("--qc table", plan.qc[0])]
+    for what, path in named:
+        if path is None:
+            continue
+        if key(path) in inputs:
+            raise UsageError(f"{path}: the {what} would overwrite an input image")
+        if key(path) in seen:
+            raise UsageError(f"{path} is both the {seen[key(path)]} and the {what}; give each output its own file")
+        seen[key(path)] = what
+
+
+def _plan(i: str, o: str, post: str | None, resample: str | None, vol: str | None, qc: str | None) -> Plan:
     if not i:
         raise UsageError("please specify an input file, folder or .txt list (--i)")
     if not o:

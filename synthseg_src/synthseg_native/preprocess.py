@@ -2,11 +2,16 @@
 
 The order and arithmetic follow upstream's ``predict_synthseg.preprocess``; intensities stay
 float64 until the very end, as upstream's do, so that the float32 network input is the same bits.
+
+Before that, images on which upstream would silently produce garbage are stopped with a reason
+(see docs/reliability.md): a field of view too small to hold a head, a constant image, infinite
+values or an intensity range that overflows. NaN voxels, which masking tools write outside the
+brain, are set to 0 with a warning instead of poisoning the percentile rescale. None of these
+checks changes a single bit for an image that passes them.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +21,7 @@ from .io import InputError, LoadedImage
 
 N_LEVELS = 5
 TARGET_RES = 1.0
+MIN_FOV_MM = 20.0  # a scan narrower than this along any axis cannot hold a brain (often: wrong voxel sizes)
 
 
 @dataclass
@@ -32,23 +38,65 @@ class Prepared:
     resampled: np.ndarray | None  # the resampled image, when resampling happened
 
 
+def _warn(msg: str) -> None:
+    from .runner import log  # at call time: runner imports this module
+
+    log("WARN", msg)
+
+
+def _check_extent(img: LoadedImage, path: str) -> None:
+    """Refuse a field of view smaller than a head: a 5x5x5 test volume, or a header in metres."""
+    if img.data.ndim < 3:
+        return
+    sizes = np.linalg.norm(img.affine[:3, :3], axis=0)
+    extent = np.array(img.data.shape[:3]) * sizes
+    if np.any(extent < MIN_FOV_MM):
+        shape = "x".join(map(str, img.data.shape[:3]))
+        fov = " x ".join(f"{e:.3g}" for e in extent)
+        raise InputError(f"{path}: image is {shape} voxels, a field of view of only {fov} mm; too small for a "
+                         f"head scan (every axis needs >= {MIN_FOV_MM:g} mm; check the voxel sizes in the header)")
+
+
+def _check_intensities(data: np.ndarray, path: str) -> np.ndarray:
+    """Infinite values and an overflowing or empty intensity range would give NaN or an all-zero network
+    input; NaN voxels (masked background in SPM/FSL outputs) are set to 0 with a warning."""
+    nan = np.isnan(data)
+    if np.any(np.isinf(data)):
+        raise InputError(f"{path}: image contains {int(np.isinf(data).sum())} infinite voxel(s); "
+                         "fix the scaling (scl_slope) or the data")
+    if np.any(nan):
+        count = int(nan.sum())
+        _warn(f"{path}: {count} NaN voxel(s) ({100 * count / data.size:.2g} %) set to 0")
+        data = np.where(nan, 0.0, data)
+    lo, hi = np.min(data), np.max(data)
+    if lo == hi:
+        raise InputError(f"{path}: image is constant (every voxel is {lo:g}); nothing to segment")
+    with np.errstate(over="ignore"):
+        span = hi - lo
+    if not np.isfinite(span):
+        raise InputError(f"{path}: intensity range [{lo:g}, {hi:g}] overflows double precision; "
+                         "rescale the image")
+    return data
+
+
 def _to_3d(img: LoadedImage, path: str) -> tuple[np.ndarray, int]:
+    _check_extent(img, path)
     data, n_dims, n_channels = img.data, img.n_dims, img.n_channels
     if n_dims == 2 and 1 < n_channels < 4:
         raise InputError(f"{path}: either 2D with several channels or 3D with at most 3 slices "
                          f"(shape {data.shape}); results would be meaningless")
     if n_dims == 2 and 3 < n_channels < 11:
-        print(f"[WARN] {path}: input with very few slices (shape {data.shape})", file=sys.stderr)
+        _warn(f"{path}: input with very few slices (shape {data.shape})")
         return data, 3
     if n_dims < 3:
         raise InputError(f"{path}: input should have 3 dimensions, has {n_dims} (shape {data.shape})")
     if n_dims == 4 and n_channels == 1:
-        print(f"[WARN] {path}: 4D input, keeping the first frame", file=sys.stderr)
+        _warn(f"{path}: 4D input with {data.shape[-1]} frames, segmenting the first frame only")
         return data[..., 0], 3
     if n_dims > 3:
         raise InputError(f"{path}: input should have 3 dimensions, has {n_dims} (shape {data.shape})")
     if n_channels > 1:
-        print(f"[WARN] {path}: {n_channels} channels, keeping the first", file=sys.stderr)
+        _warn(f"{path}: {n_channels} channels (or frames), segmenting the first only")
         return data[..., 0], 3
     return data, 3
 
@@ -56,8 +104,7 @@ def _to_3d(img: LoadedImage, path: str) -> tuple[np.ndarray, int]:
 def preprocess(img: LoadedImage, path: str, crop: list[int] | None = None, ct: bool = False,
                min_pad: list[int] | None = None) -> Prepared:
     data, n_dims = _to_3d(img, path)
-    if not np.all(np.isfinite(data)):
-        raise InputError(f"{path}: image contains NaN or infinite values")
+    data = _check_intensities(data, path)
     affine, res = img.affine, img.resolution
     target = np.squeeze(np.round(np.tile(np.array([TARGET_RES] * n_dims), (1, 1)), 3))
     resampled = None

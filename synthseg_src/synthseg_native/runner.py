@@ -1,12 +1,18 @@
 """Runs a batch: builds the networks once, then load → preprocess → network → postprocess → write
 for every image, reporting a failing image and carrying on with the others.
 
-This is the only module that knows the order of the steps; each step lives in its own module.
+This is the only module that knows the order of the steps; each step lives in its own module. It
+also owns what makes a batch safe to run unattended (docs/reliability.md): outputs are checked for
+writability and locked before an image is read, the memory it needs is estimated from its header,
+and all of its files (and its row of a shared CSV) are staged and renamed into place together, so a
+failure or an interrupt leaves no partial output and no other image is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -14,12 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import colours, geometry
+from . import colours, geometry, memory
 from . import labels as L
 from . import qc as qc_heads
 from . import volumes as V
 from .flags import SynthSegFlags
-from .io import InputError, load_image, save_image
+from .io import InputError, StagedOutputs, check_writable, load_image, peek_image, save_image, stale_temps
+from .locking import LockedError, LockSet
 from .outputs import Plan
 from .postprocess import postprocess
 from .preprocess import preprocess
@@ -61,17 +68,39 @@ def peak_rss_gb() -> float:
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, turned into an exception so that temporaries and locks are cleaned up as for
+    Ctrl-C (a KeyboardInterrupt subclass, so the per-image ``except Exception`` does not swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: control characters (a newline in a file name) and undecodable bytes escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def log(tag: str, msg: str) -> None:
     """One log line: [INFO], [RUN ], [SKIP], [DONE], [WARN] or [ERR] (errors and warnings on stderr)."""
     stream = sys.stderr if tag in ("ERR", "WARN") else sys.stdout
-    print(f"[{'RUN ' if tag == 'RUN' else tag}] {msg}", file=stream, flush=True)
+    line = f"[{'RUN ' if tag == 'RUN' else tag}] {printable(msg)}"
+    try:
+        print(line, file=stream, flush=True)
+    except UnicodeEncodeError:  # a non-UTF-8 terminal and a non-ASCII file name
+        enc = stream.encoding or "ascii"
+        print(line.encode(enc, "backslashreplace").decode(enc), file=stream, flush=True)
 
 
 class Predictor:
     """Holds the built and loaded network so a batch pays for model construction once."""
 
     def __init__(self, opts: Options, timings: Timings):
-        import tensorflow as tf  # noqa: F401  (imported here so --help stays fast)
+        import tensorflow as tf  # imported here so --help stays fast
+
+        if not opts.debug:  # e.g. "triggered tf.function retracing" in a batch: noise between the log lines
+            tf.get_logger().setLevel("ERROR")
 
         from . import network
         from .devices import is_metal_gpu
@@ -235,23 +264,42 @@ def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
     if plan.shared_csv and plan.qc[0] is not None:
         qc_table = V.CsvTable(plan.qc[0], V.qc_columns(label_set), shared=True)
 
-    failed: list[str] = []
-    n = len(plan.images)
-    for k, path in enumerate(plan.images):
-        t_start = time.perf_counter()
-        log("RUN", f"{k + 1}/{n} {path}")
+    # A shared CSV collects every image's row: it is checked and locked for the whole batch, so that a second
+    # batch writing the same table fails at once instead of overwriting rows.
+    with contextlib.ExitStack() as batch:
         try:
-            _one(opts, plan, k, predictor, timings, vol_table, qc_table)
-        except Exception as exc:  # one bad scan must not stop a batch; Ctrl-C still does
-            failed.append(path)
-            known = isinstance(exc, (InputError, OSError, ValueError))
-            detail = str(exc) if known else f"{type(exc).__name__}: {exc}"
-            msg = detail if detail.startswith(path) else f"{path}: {detail}"
-            log("ERR", msg)
+            for out in plan.shared_outputs():
+                check_writable(out)
+            batch.enter_context(LockSet(plan.shared_outputs()))
+        except (OSError, LockedError) as exc:
+            log("ERR", str(exc))
+            return 1
+        for out in plan.shared_outputs():
+            for tmp in stale_temps(out):
+                tmp.unlink(missing_ok=True)
+        failed: list[str] = []
+        n = len(plan.images)
+        k = 0
+        try:
+            for k, path in enumerate(plan.images):
+                t_start = time.perf_counter()
+                log("RUN", f"{k + 1}/{n} {path}")
+                try:
+                    _one(opts, plan, k, predictor, timings, vol_table, qc_table)
+                except Exception as exc:  # one bad scan must not stop a batch; Ctrl-C still does
+                    failed.append(path)
+                    log("ERR", _describe(exc, path))
+                    if opts.debug:
+                        traceback.print_exc()
+                    continue
+                log("DONE", f"{path} -> {plan.seg[k]} ({time.perf_counter() - t_start:.1f} s)")
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            log("ERR", f"interrupted ({signal.Signals(signum).name}) while segmenting {plan.images[k]}: no "
+                       f"partial output left; {k - len(failed)} of {n} image(s) had finished")
             if opts.debug:
                 traceback.print_exc()
-            continue
-        log("DONE", f"{path} -> {plan.seg[k]} ({time.perf_counter() - t_start:.1f} s)")
+            return 128 + signum
     if opts.profile:
         for stage, sec in timings.stages.items():
             log("INFO", f"profile {stage}: {sec:.3f} s (peak RSS so far {timings.peak_gb[stage]:.2f} GB)")
@@ -260,21 +308,53 @@ def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
             log("INFO", f"profile network throughput: {gflop:.1f} GFLOP (convolutions) in "
                         f"{timings.stages['network']:.3f} s = {gflop / timings.stages['network']:.1f} GFLOP/s")
     if failed:
-        log("ERR", f"{len(failed)} of {n} image(s) failed: {', '.join(failed)}")
+        if n > 1:  # a single image's failure is already its one [ERR] line
+            log("ERR", f"{len(failed)} of {n} image(s) failed: {', '.join(failed)}")
         return 1
     return 0
 
 
+def _describe(exc: Exception, path: str) -> str:
+    """The [ERR] text for a failed image: the input, then the cause (and the way out of a memory shortage)."""
+    known = isinstance(exc, (InputError, OSError, ValueError, LockedError, memory.MemoryShortage))
+    detail = str(exc) if known else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":
+        cause = (str(exc).splitlines() or [type(exc).__name__])[0]
+        detail = f"out of memory ({cause}); use --crop (e.g. --crop 160) to segment a smaller centred patch"
+    return detail if detail.startswith(path) else f"{path}: {detail}"
+
+
 def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timings,
          vol_table: V.CsvTable | None, qc_table: V.CsvTable | None) -> None:
+    """One image, from checks to committed outputs: nothing of it reaches its final names unless all of it
+    was written."""
+    outputs = plan.image_outputs(k)
+    for out in outputs:
+        check_writable(out)  # before minutes of work, not after
+    with LockSet(outputs), StagedOutputs() as stage:
+        for out in outputs + ([str(colours.sidecar_path(plan.seg[k]))] if opts.addctab else []):
+            for tmp in stale_temps(out):  # left by a killed run; safe to remove under the lock
+                tmp.unlink(missing_ok=True)
+        rows = _segment(opts, plan, k, predictor, timings, vol_table, qc_table, stage)
+        stage.commit()
+    for table, row in rows:
+        table.committed(row)
+
+
+def _segment(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timings,
+             vol_table: V.CsvTable | None, qc_table: V.CsvTable | None, stage: StagedOutputs
+             ) -> list[tuple[V.CsvTable, list[str]]]:
+    """Load → preprocess → network → postprocess, with every output staged; returns the shared-CSV rows
+    that become part of the tables once the stage is committed."""
     path = plan.images[k]
     label_set = predictor.labels
     t0 = time.perf_counter()
+    memory.check(path, peek_image(path), opts.crop, opts.fast, opts.robust, opts.parc, bool(opts.qc))
     img = load_image(path)
     prep = preprocess(img, path, crop=opts.crop, ct=opts.ct, min_pad=opts.crop)
     if plan.resample[k] is not None:
         if prep.resampled is not None:
-            save_image(prep.resampled, prep.affine, prep.header, plan.resample[k])
+            save_image(prep.resampled, prep.affine, prep.header, plan.resample[k], stage=stage)
         else:
             log("INFO", f"{path}: already at 1 mm, no resampled image written")
     t1 = time.perf_counter()
@@ -300,21 +380,21 @@ def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timin
         if plan.post[k] is not None:
             posteriors = geometry.resample_like(posteriors, affine, img.data.shape, img.affine, order=1)
         affine = img.affine
-    save_image(seg, affine, prep.header, plan.seg[k], dtype="int32")
+    save_image(seg, affine, prep.header, plan.seg[k], dtype="int32", stage=stage)
     if opts.addctab:
-        colours.attach(plan.seg[k], seg, parc=opts.parc)
+        colours.attach(plan.seg[k], seg, parc=opts.parc, stage=stage)
     if plan.post[k] is not None:
-        save_image(posteriors, affine, prep.header, plan.post[k], dtype="float32")
+        save_image(posteriors, affine, prep.header, plan.post[k], dtype="float32", stage=stage)
+    rows: list[tuple[V.CsvTable, list[str]]] = []
     if plan.vol[k] is not None:
         row = V.volume_row(path, result.volumes)
-        if vol_table is not None:
-            vol_table.add(row)
-        else:
-            V.CsvTable(plan.vol[k], V.volume_columns(label_set, opts.parc), shared=False).add(row)
+        table = vol_table or V.CsvTable(plan.vol[k], V.volume_columns(label_set, opts.parc), shared=False)
+        table.stage(row, stage)
+        rows.append((table, row))
     if plan.qc[k] is not None and qc_scores is not None:
         row = V.qc_row(path, qc_scores)
-        if qc_table is not None:
-            qc_table.add(row)
-        else:
-            V.CsvTable(plan.qc[k], V.qc_columns(label_set), shared=False).add(row)
+        table = qc_table or V.CsvTable(plan.qc[k], V.qc_columns(label_set), shared=False)
+        table.stage(row, stage)
+        rows.append((table, row))
     timings.add("write", time.perf_counter() - t3)
+    return rows

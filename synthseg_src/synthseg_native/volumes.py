@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from . import labels as L
-from .io import write_text
+from .io import StagedOutputs, write_text
 
 
 def volume_columns(label_set: L.LabelSet, parc: bool) -> list[str]:
@@ -67,7 +67,11 @@ def render(header: list[str], rows: list[list[str]], shared: bool) -> str:
 
 
 class CsvTable:
-    """A CSV that is rewritten atomically after every subject, so it is never half-written."""
+    """A CSV that is rewritten atomically after every subject, so it is never half-written.
+
+    A row is first staged with the other outputs of its image (:meth:`stage`) and becomes part of the
+    table (:meth:`committed`) only once they were all renamed into place: a failed image leaves no row.
+    """
 
     def __init__(self, path: str, header: list[str], shared: bool):
         self.path, self.header, self.shared = path, header, shared
@@ -76,6 +80,12 @@ class CsvTable:
     def add(self, row: list[str]) -> None:
         self.rows.append(row)
         self.flush()
+
+    def stage(self, row: list[str], stage: StagedOutputs) -> None:
+        write_text(self.path, render(self.header, self.rows + [row], self.shared), stage=stage)
+
+    def committed(self, row: list[str]) -> None:
+        self.rows.append(row)
 
     def flush(self) -> None:
         write_text(self.path, render(self.header, self.rows, self.shared))

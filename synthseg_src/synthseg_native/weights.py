@@ -74,18 +74,28 @@ def read_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
         f = h5py.File(path, "r")
     except Exception as exc:
         raise WeightsError(f"{path}: not a readable HDF5 weights file ({exc})") from exc
-    with f:
-        root = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
-        if "layer_names" not in root.attrs:
-            raise WeightsError(f"{path}: no Keras layer table (attribute 'layer_names') found")
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for group_name in _names(root.attrs["layer_names"]):
-            group = root[group_name]
-            for weight_name in _names(group.attrs.get("weight_names", [])):
-                parts = weight_name.split("/")
-                layer = parts[-2] if len(parts) >= 2 else group_name
-                kind = parts[-1].split(":")[0]
-                out.setdefault(layer, {})[kind] = np.asarray(group[weight_name])
+    try:
+        with f:
+            return _read_layers(f, path)
+    except WeightsError:
+        raise
+    except Exception as exc:  # h5py raises KeyError/OSError/RuntimeError for damaged objects inside the file
+        raise WeightsError(f"{path}: corrupt HDF5 weights file ({type(exc).__name__}: {exc}); "
+                           "download it again") from exc
+
+
+def _read_layers(f: h5py.File, path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    root = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
+    if "layer_names" not in root.attrs:
+        raise WeightsError(f"{path}: no Keras layer table (attribute 'layer_names') found")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for group_name in _names(root.attrs["layer_names"]):
+        group = root[group_name]
+        for weight_name in _names(group.attrs.get("weight_names", [])):
+            parts = weight_name.split("/")
+            layer = parts[-2] if len(parts) >= 2 else group_name
+            kind = parts[-1].split(":")[0]
+            out.setdefault(layer, {})[kind] = np.asarray(group[weight_name])
     return out
 
 
@@ -112,6 +122,8 @@ def assign(model, arrays: dict[str, dict[str, np.ndarray]], path: str | os.PathL
             if tuple(stored[kind].shape) != tuple(w.shape):
                 raise WeightsError(f"{path}: layer '{name}' {kind} has shape {tuple(stored[kind].shape)}, "
                                    f"the network expects {tuple(w.shape)}")
+            if not np.all(np.isfinite(stored[kind])):  # damaged bytes inside a dataset read back as NaN/Inf
+                raise WeightsError(f"{path}: layer '{name}' {kind} has NaN or infinite values (corrupt file?)")
             values.append(stored[kind])
         layer.set_weights(values)
         count += 1
