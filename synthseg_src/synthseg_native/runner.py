@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import colours, geometry
+from . import colours, geometry, progress
 from . import labels as L
 from . import qc as qc_heads
 from . import volumes as V
@@ -38,6 +38,8 @@ class Options(SynthSegFlags):
     bn: str = "auto"
     profile: bool = False
     debug: bool = False
+    resume: bool = False  # skip scans whose provenance record says current; record each finished scan
+    snapshot: str | None = None  # folder for QC snapshots and the cohort page
 
 
 @dataclass
@@ -62,7 +64,8 @@ def peak_rss_gb() -> float:
 def log(tag: str, msg: str) -> None:
     """One log line: [INFO], [RUN ], [SKIP], [DONE], [WARN] or [ERR] (errors and warnings on stderr)."""
     stream = sys.stderr if tag in ("ERR", "WARN") else sys.stdout
-    print(f"[{'RUN ' if tag == 'RUN' else tag}] {msg}", file=stream, flush=True)
+    with progress.writing(stream):  # above a batch's progress bar, not through it
+        print(f"[{'RUN ' if tag == 'RUN' else tag}] {msg}", file=stream, flush=True)
 
 
 class Predictor:
@@ -167,29 +170,39 @@ class _batchnorm_form:
 
 
 def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
-    """Segment every image of ``plan``; returns the process exit status."""
+    """Segment the images of ``plan`` (with --resume: those not current); returns the exit status."""
+    from .cohort import Batch, stage_deltas
+
     timings = Timings()
     for note in plan.notes:
         log("INFO", note)
+    batch = Batch(opts, plan, log)
+    todo = batch.pending()  # before the model load: a finished batch loads nothing
+    if not todo:
+        batch.close()
+        return 0
     try:
         predictor = predictor or Predictor(opts, timings)
     except WeightsError as exc:
         log("ERR", str(exc))
+        batch.close()
         return 1
     label_set = predictor.labels
     vol_table = qc_table = None
     if plan.shared_csv and plan.vol[0] is not None:
-        vol_table = V.CsvTable(plan.vol[0], V.volume_columns(label_set, opts.parc), shared=True)
+        vol_table = batch.table(plan.vol[0], V.volume_columns(label_set, opts.parc))
     if plan.shared_csv and plan.qc[0] is not None:
-        qc_table = V.CsvTable(plan.qc[0], V.qc_columns(label_set), shared=True)
+        qc_table = batch.table(plan.qc[0], V.qc_columns(label_set))
 
     failed: list[str] = []
     n = len(plan.images)
-    for k, path in enumerate(plan.images):
-        t_start = time.perf_counter()
+    batch.start(len(todo))
+    for k in todo:
+        path = plan.images[k]
+        t_start, before = time.perf_counter(), dict(timings.stages)
         log("RUN", f"{k + 1}/{n} {path}")
         try:
-            _one(opts, plan, k, predictor, timings, vol_table, qc_table)
+            volumes, qc_scores = _one(opts, plan, k, predictor, timings, vol_table, qc_table)
         except Exception as exc:  # one bad scan must not stop a batch; Ctrl-C still does
             failed.append(path)
             known = isinstance(exc, (InputError, OSError, ValueError))
@@ -198,8 +211,14 @@ def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
             log("ERR", msg)
             if opts.debug:
                 traceback.print_exc()
+            batch.failed(k, msg)
             continue
-        log("DONE", f"{path} -> {plan.seg[k]} ({time.perf_counter() - t_start:.1f} s)")
+        seconds = time.perf_counter() - t_start
+        stages = stage_deltas(before, timings.stages)
+        detail = "".join(f", {stage} {sec:.1f} s" for stage, sec in stages.items())
+        log("DONE", f"{path} -> {plan.seg[k]} ({seconds:.1f} s{detail})")
+        batch.done(k, seconds, stages, volumes, qc_scores)
+    batch.close()
     if opts.profile:
         for stage, sec in timings.stages.items():
             log("INFO", f"profile {stage}: {sec:.3f} s (peak RSS so far {timings.peak_gb[stage]:.2f} GB)")
@@ -210,7 +229,8 @@ def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
 
 
 def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timings,
-         vol_table: V.CsvTable | None, qc_table: V.CsvTable | None) -> None:
+         vol_table: V.CsvTable | None, qc_table: V.CsvTable | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Segment scan k and write its outputs; returns its volumes and QC scores (for the cohort page)."""
     path = plan.images[k]
     label_set = predictor.labels
     t0 = time.perf_counter()
@@ -257,3 +277,4 @@ def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timin
         else:
             V.CsvTable(plan.qc[k], V.qc_columns(label_set), shared=False).add(row)
     timings.add("write", time.perf_counter() - t3)
+    return result.volumes, qc_scores
