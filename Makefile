@@ -15,7 +15,7 @@ THREADS ?=
 .PHONY: help setup test lint doctor clean demo run _need_shellcheck
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: ## Build .venv for this platform (GPU=cuda on Linux; FORCE=1 rebuilds; PYTHON= picks the interpreter)
 	@VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
