@@ -89,10 +89,18 @@ def test_failed_scan_fails_its_shard_only(weights, cohort):
 
 
 def test_slurm_profile_dry_run(cohort):
+    """Shards are capped at the number of scans (5 asked, 3 scans: 3 jobs)."""
     r = snakemake(cohort["work"], "--profile", str(ROOT / "profiles" / "slurm"), "--dry-run", "--printshellcmds",
-                  "--config", f"input={cohort['in']}", f"output={cohort['out']}", "shards=3",
+                  "--config", f"input={cohort['in']}", f"output={cohort['out']}", "shards=5",
                   f"python={sys.executable}")
     assert r.returncode == 0, r.stderr[-3000:]
     text = r.stdout + r.stderr
     assert text.count("rule shard:") == 3 and "threads: 4" in text and "mem_mb=16000" in text
     assert "--shard 2/3 --threads 4" in text and "--resume" in text
+
+
+def test_bad_arguments_stop_the_workflow_before_any_job(cohort):
+    r = snakemake(cohort["work"], "--cores", "1", "--config", f"input={cohort['work'] / 'nowhere'}",
+                  f"output={cohort['out']}", f"python={sys.executable}")
+    assert r.returncode != 0 and "[ERR] " in r.stderr and "input folder does not exist" in r.stderr
+    assert not cohort["out"].exists()

@@ -14,9 +14,10 @@ this module decides *which* scans a batch segments and what it leaves behind bes
 - ``--snapshot DIR`` hands each scan to :mod:`snapshots` (PNG + a small JSON) and rebuilds the
   cohort page ``DIR/index.html`` at the end.
 
-Usage of the merge step (what the Snakemake workflow runs after its shards)::
+The Snakemake workflow runs these before and after its shards::
 
-    python -m synthseg_native.cohort finish --shards N -- ENGINE_ARGS...
+    python -m synthseg_native.cohort count -- ENGINE_ARGS...             # checks the arguments, prints the scan count
+    python -m synthseg_native.cohort finish --shards N -- ENGINE_ARGS... # merges the shard tables, rebuilds the page
 """
 
 from __future__ import annotations
@@ -331,17 +332,24 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--" not in argv:
-        print("usage: python -m synthseg_native.cohort finish --shards N -- ENGINE_ARGS...", file=sys.stderr)
+        print("usage: python -m synthseg_native.cohort {count | finish --shards N} -- ENGINE_ARGS...",
+              file=sys.stderr)
         return 2
     cut = argv.index("--")
     p = argparse.ArgumentParser(prog="python -m synthseg_native.cohort")
-    p.add_argument("command", choices=["finish"])
-    p.add_argument("--shards", type=int, required=True, help="how many shards the engine args were run with")
+    p.add_argument("command", choices=["count", "finish"])
+    p.add_argument("--shards", type=int, default=1, help="how many shards the engine args were run with")
     opts = p.parse_args(argv[:cut])
     args = build_parser().parse_args(argv[cut + 1:])
     try:
         if opts.shards < 1:
             raise UsageError("--shards must be >= 1")
+        if opts.command == "count":
+            from .cli import _check, make_plan
+
+            _check(args)
+            print(len(make_plan(args, shard=False).images))
+            return 0
         return finish(args, opts.shards, log)
     except UsageError as exc:
         log("ERR", str(exc))
