@@ -48,7 +48,7 @@ run: $(STAMP) ## Segment IN into OUT with upstream's FLAGS, e.g. make run IN=t1.
 	@$(PY) -m synthseg_native --i "$(IN)" --o "$(OUT)" $(if $(THREADS),--threads $(THREADS)) $(FLAGS)
 
 clean: ## Remove caches and demo outputs (keeps .venv; rm -rf .venv for a full reset)
-	rm -rf results/demo .pytest_cache .ruff_cache build synthseg_src/*.egg-info
+	rm -rf results/demo .pytest_cache .ruff_cache .snakemake build synthseg_src/*.egg-info
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
 -include mk/*.mk

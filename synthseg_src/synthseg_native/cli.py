@@ -82,8 +82,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--keepgeom and --addctab are FreeSurfer 8 options; upstream SynthSeg has neither")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.engine == "upstream" and (args.resume or args.shard or args.snapshot):
-        raise UsageError("--resume, --shard and --snapshot are batch options of the native engine")
+    if args.engine == "upstream" and (args.resume or args.shard or args.snapshot or is_bids(args.i)):
+        raise UsageError("--resume, --shard, --snapshot and BIDS datasets need the native engine")
     if args.shard:
         from .cohort import parse_shard
 
@@ -149,7 +149,11 @@ def _run_native(opts: Options, plan: Plan) -> int:
     if plan.bids_root is not None:
         from .bids import write_dataset_files
 
-        write_dataset_files(plan, opts.o, opts.v1, opts.parc, f"{version}, native tf.keras engine")
+        try:
+            write_dataset_files(plan, opts.o, opts.v1, opts.parc, f"{version}, native tf.keras engine")
+        except OSError as exc:
+            log("ERR", f"{opts.o}: cannot write the derivative dataset's files ({exc})")
+            return 1
     return run(opts, plan)
 
 
