@@ -73,6 +73,12 @@ def test_plan_errors(tmp_path, kind, message):
         bids.plan_bids(str(root), str(out), suffixes=["T1w", "T2w"] if kind == "clash" else ["T1w"])
 
 
+def test_bids_needs_the_native_engine(tmp_path, capsys):
+    root = fake_bids(tmp_path / "raw", TREE)
+    assert main(["--i", str(root), "--o", str(tmp_path / "deriv"), "--engine", "upstream"]) == 2
+    assert "BIDS datasets need the native engine" in capsys.readouterr().err
+
+
 def test_dseg_tsv_has_every_label_with_freesurfer_colour():
     lines = bids.dseg_tsv().splitlines()
     assert lines[0] == "index\tname\tcolor"
