@@ -15,7 +15,7 @@ THREADS ?=
 .PHONY: help setup test lint doctor clean demo run _need_shellcheck
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: ## Build .venv for this platform (GPU=cuda on Linux; FORCE=1 rebuilds; PYTHON= picks the interpreter)
 	@VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
@@ -48,7 +48,7 @@ run: $(STAMP) ## Segment IN into OUT with upstream's FLAGS, e.g. make run IN=t1.
 	@$(PY) -m synthseg_native --i "$(IN)" --o "$(OUT)" $(if $(THREADS),--threads $(THREADS)) $(FLAGS)
 
 clean: ## Remove caches and demo outputs (keeps .venv; rm -rf .venv for a full reset)
-	rm -rf results/demo .pytest_cache .ruff_cache build synthseg_src/*.egg-info
+	rm -rf results/demo .pytest_cache .ruff_cache .snakemake build synthseg_src/*.egg-info
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
 -include mk/*.mk

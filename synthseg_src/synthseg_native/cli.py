@@ -1,7 +1,9 @@
 """Command line with upstream ``SynthSeg_predict.py``'s flags (plus --models, --bn, --engine, ...).
 
-It only turns arguments into an :class:`Options` object, sets up TensorFlow's devices and threads
-before TensorFlow starts, and hands over to the runner or to the upstream reference engine.
+It only turns arguments into an :class:`Options` object and a plan of files (upstream's rules, or
+BIDS-Derivatives names for a BIDS dataset, cut to one shard with --shard), sets up TensorFlow's
+devices and threads before TensorFlow starts, and hands over to the runner or to the upstream
+reference engine.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import sys
 from types import FrameType
 from typing import NoReturn
 
-from .outputs import UsageError, plan_outputs
+from .bids import DEFAULT_SUFFIXES, plan_bids
+from .bids import is_dataset as is_bids
+from .outputs import Plan, UsageError, plan_outputs
 from .runner import Interrupted, Options, log
 
 N_LEVELS = 5  # the U-Net halves the grid 5 times: --crop sizes are rounded up to multiples of 2**5
@@ -31,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="synthseg-native",
         description="SynthSeg brain MRI segmentation, native tf.keras engine (same flags as SynthSeg_predict.py).")
-    p.add_argument("--i", help="Image to segment (.nii/.nii.gz/.mgz), a folder of images, or a .txt list.")
-    p.add_argument("--o", help="Segmentation output: file or folder (folder if --i is a folder; .txt if a list).")
+    p.add_argument("--i", help="Image to segment (.nii/.nii.gz/.mgz), a folder of images, a .txt list, or a BIDS "
+                   "dataset (a folder with dataset_description.json).")
+    p.add_argument("--o", help="Segmentation output: file or folder (folder if --i is a folder; .txt if a list; "
+                   "the derivative dataset's folder for BIDS).")
     p.add_argument("--parc", action="store_true", help="Cortical parcellation (DK atlas).")
     p.add_argument("--robust", action="store_true", help="SynthSeg-robust (implies --fast; not with --v1).")
     p.add_argument("--fast", action="store_true", help="Skip the flipped prediction and topology cleaning.")
@@ -63,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native (default) or upstream: run $SYNTHSEG_HOME's SynthSeg for comparison.")
     p.add_argument("--synthseg-home", help="Upstream SynthSeg checkout for --engine upstream "
                    "(default: $SYNTHSEG_HOME).")
+    batch = p.add_argument_group("batches and cohorts (docs/cohorts.md)")
+    batch.add_argument("--resume", action="store_true",
+                       help="Record each finished scan (<seg>.provenance.json) and skip scans whose record "
+                       "proves their outputs current; a batch with nothing to do loads no model.")
+    batch.add_argument("--shard", metavar="i/N",
+                       help="Segment only part i of N (1 <= i <= N) of the sorted scan list; N workers with the "
+                       "same arguments split it exactly. Shared CSVs become <name>.shard-i-of-N.csv "
+                       "(python -m synthseg_native.cohort finish merges them).")
+    batch.add_argument("--snapshot", metavar="DIR",
+                       help="QC snapshot per scan (DIR/<name>.png: three slices, labels in FreeSurfer colours) "
+                       "and a cohort page DIR/index.html (thumbnail, key volumes, QC scores, run time).")
+    batch.add_argument("--bids-suffix", nargs="+", default=list(DEFAULT_SUFFIXES), metavar="SUFFIX",
+                       help="With a BIDS dataset as --i: the anat suffixes to segment (default: T1w).")
     p.add_argument("--profile", action="store_true", help="Print the time spent in each stage.")
     p.add_argument("--debug", action="store_true", help="Show Python tracebacks and TensorFlow logs.")
     return p
@@ -82,6 +101,26 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--precision is a native-engine option; upstream SynthSeg runs in fp32 only")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.engine == "upstream" and (args.resume or args.shard or args.snapshot or is_bids(args.i)):
+        raise UsageError("--resume, --shard, --snapshot and BIDS datasets need the native engine")
+    if args.shard:
+        from .cohort import parse_shard
+
+        parse_shard(args.shard)
+
+
+def make_plan(args: argparse.Namespace, shard: bool = True) -> Plan:
+    """Which files the run reads and writes: BIDS naming for a BIDS dataset, else upstream's rules;
+    then the part of it that ``--shard`` selects."""
+    from .cohort import parse_shard, shard_plan
+
+    if is_bids(args.i):
+        plan = plan_bids(args.i, args.o, args.post, args.resample, args.vol, args.qc, tuple(args.bids_suffix))
+    else:
+        plan = plan_outputs(args.i, args.o, args.post, args.resample, args.vol, args.qc)
+    if shard and args.shard:
+        plan = shard_plan(plan, *parse_shard(args.shard))
+    return plan
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
@@ -122,7 +161,7 @@ def _main(argv: list[str] | None) -> int:
         args.fast = True
     try:
         _check(args)
-        plan = plan_outputs(args.i, args.o, args.post, args.resample, args.vol, args.qc)
+        plan = make_plan(args)
     except UsageError as exc:
         log("ERR", str(exc))
         return 2
@@ -138,13 +177,14 @@ def _main(argv: list[str] | None) -> int:
                    vol=args.vol, qc=args.qc, post=args.post, resample=args.resample, crop=crop,
                    threads=args.threads, cpu=args.cpu, v1=args.v1, keepgeom=args.keepgeom, addctab=args.addctab,
                    models=args.models, bn=args.bn, precision=args.precision,
-                   profile=args.profile, debug=args.debug)
+                   profile=args.profile, debug=args.debug, resume=args.resume,
+                   snapshot=os.path.abspath(args.snapshot) if args.snapshot else None)
     if args.engine == "upstream":
         return _run_upstream(opts, args.synthseg_home)
     return _run_native(opts, plan)
 
 
-def _run_native(opts: Options, plan) -> int:
+def _run_native(opts: Options, plan: Plan) -> int:
     from . import devices
     from .runner import run
 
@@ -163,6 +203,14 @@ def _run_native(opts: Options, plan) -> int:
             version += f", {opts.precision} (not identical to upstream)"
     log("INFO", f"{version}, native engine, {len(plan.images)} image(s), {threads} thread(s), "
                 f"device {devices.network_device()}")
+    if plan.bids_root is not None:
+        from .bids import write_dataset_files
+
+        try:
+            write_dataset_files(plan, opts.o, opts.v1, opts.parc, f"{version}, native tf.keras engine")
+        except OSError as exc:
+            log("ERR", f"{opts.o}: cannot write the derivative dataset's files ({exc})")
+            return 1
     return run(opts, plan)
 
 

@@ -1,4 +1,5 @@
-"""``make demo``: segment the MNI152 T1 that ships inside nilearn, with official weights if found.
+"""``make demo``: segment the MNI152 T1 that ships inside nilearn, with official weights if found, and
+show the result as a QC snapshot (``results/demo/qc/``), the picture a cohort's page would have.
 
 A fresh machine has no official weights (they are not redistributable here), so the demo then
 generates seeded test weights and says loudly that the labels are anatomically meaningless: the
@@ -61,14 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import main as cli_main
 
     argv2 = ["--i", str(image), "--o", str(out / "mni152_synthseg.nii.gz"),
-             "--vol", str(out / "mni152_volumes.csv"), "--models", models, *args.flags.split()]
+             "--vol", str(out / "mni152_volumes.csv"), "--snapshot", str(out / "qc"), "--models", models,
+             *args.flags.split()]
     if args.threads:
         argv2 += ["--threads", str(args.threads)]
     rc = cli_main(argv2)
     if test_weights:
         print(BANNER.format(folder=models, source=OFFICIAL_SOURCE), file=sys.stderr)
     if rc == 0:
-        log("DONE", f"demo outputs in {out}/ (mni152_synthseg.nii.gz, mni152_volumes.csv)")
+        log("DONE", f"demo outputs in {out}/ (mni152_synthseg.nii.gz, mni152_volumes.csv, QC snapshot "
+                    "qc/mni152_synthseg.png and page qc/index.html)")
     return rc
 
 

@@ -28,6 +28,16 @@ class Plan:
     qc: list[str | None]
     shared_csv: bool
     notes: list[str] = field(default_factory=list)
+    #: One short unique name per scan (QC snapshots, cohort page); empty means "derive from ``seg``".
+    names: list[str] = field(default_factory=list)
+    #: The BIDS dataset root when --i is one (outputs then follow BIDS-Derivatives naming).
+    bids_root: str | None = None
+    #: (i, N) when this plan is shard i of N of a larger one (``--shard``).
+    shard: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            self.names = scan_names(self.seg)
 
     def image_outputs(self, k: int) -> list[str]:
         """The files image ``k`` alone writes (its per-subject CSVs included, a shared CSV not)."""
@@ -42,6 +52,29 @@ class Plan:
             return []
         return [p for p in (self.vol[0], self.qc[0]) if p is not None]
 
+
+def scan_names(segs: list[str]) -> list[str]:
+    """Unique file-name-safe names for the scans of a plan, from their segmentation paths.
+
+    Computed once for the whole (unsharded) plan so every shard names a scan the same way: the path
+    below the segmentations' common folder, without extension, '/' replaced by '_' (a folder batch
+    gives the segmentation's stem; a .txt list with ``sub-1/seg.nii.gz``, ``sub-2/seg.nii.gz`` gives
+    ``sub-1_seg`` and ``sub-2_seg``).
+    """
+    if not segs:
+        return []
+    common = os.path.dirname(segs[0]) if len(segs) == 1 else os.path.commonpath(segs)
+    names = []
+    for path in segs:
+        rel = os.path.relpath(path, common) if len(segs) > 1 else os.path.basename(path)
+        ext = image_extension(rel) or ""
+        names.append(rel[: len(rel) - len(ext)].replace(os.sep, "_").replace("/", "_"))
+    seen: dict[str, int] = {}
+    for k, name in enumerate(names):  # a.nii and a.nii.gz in one folder: a, a-2
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[k] = f"{name}-{seen[name]}"
+    return names
 
 def _has_image_ext(path: str) -> bool:
     return any(ext in os.path.basename(path) for ext in IMAGE_EXTENSIONS)

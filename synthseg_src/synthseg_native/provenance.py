@@ -8,6 +8,10 @@ the record *before* the new run starts, so a run that dies half-way is never mis
 finished one. The record is built from the engine's own argument list, parsed by the engine's own
 parser, so the shell stage only passes that list and never has to know what matters.
 
+Batches with ``--resume`` keep one such record per scan (:mod:`cohort`); a volume or QC table that
+several scans share is then listed in the record but not digested (each scan changes it), and the
+batch checks that the table still holds the scan's row instead.
+
 Usage (exit 0: outputs current, 3: a run is needed, 1: error, 2: usage)::
 
     python -m synthseg_native.provenance check [--force] -- --i IN --o SEG --vol CSV [engine flags]
@@ -22,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,9 @@ SCHEMA = 1
 EXIT_CURRENT, EXIT_ERROR, EXIT_USAGE, EXIT_STALE = 0, 1, 2, 3
 OUTPUT_FLAGS = ("o", "vol", "post", "resample", "qc")
 # Engine options that cannot change a result (or are covered by a digest: weights, checkout).
-NOT_RESULT_FLAGS = {"i", *OUTPUT_FLAGS, "engine", "threads", "profile", "debug", "models", "synthseg_home"}
+# Batch options (--resume, --shard, --snapshot, --bids-suffix) only choose which scans run and what is shown.
+NOT_RESULT_FLAGS = {"i", *OUTPUT_FLAGS, "engine", "threads", "profile", "debug", "models", "synthseg_home",
+                    "resume", "shard", "snapshot", "bids_suffix"}
 
 
 class ProvenanceError(Exception):
@@ -46,6 +53,8 @@ def parse_engine_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.robust:
         args.fast = True  # as the CLI does, so "--robust" and "--robust --fast" are the same run
+    if args.crop is not None and len(args.crop) == 1:
+        args.crop = args.crop * 3  # as the CLI does, so "--crop 160" and "--crop 160 160 160" are the same run
     if not args.i or not args.o or image_extension(args.i) is None or image_extension(args.o) is None:
         raise ProvenanceError("provenance covers one input image and one segmentation file (--i, --o)")
     return args
@@ -55,8 +64,10 @@ def sidecar_path(args: argparse.Namespace) -> Path:
     return Path(os.path.abspath(args.o) + SIDECAR_SUFFIX)
 
 
-def output_paths(args: argparse.Namespace) -> list[str]:
-    return [os.path.abspath(getattr(args, f)) for f in OUTPUT_FLAGS if getattr(args, f)]
+def output_paths(args: argparse.Namespace, shared: Collection[str] = ()) -> list[str]:
+    """The run's own output files; ``shared`` ones (tables other scans write too) are left out."""
+    paths = [os.path.abspath(getattr(args, f)) for f in OUTPUT_FLAGS if getattr(args, f)]
+    return [p for p in paths if p not in {os.path.abspath(x) for x in shared}]
 
 
 def weight_files(args: argparse.Namespace) -> list[Path]:
@@ -92,7 +103,13 @@ def upstream_checkout(args: argparse.Namespace) -> dict[str, str] | None:
     return {"home": str(home), "predict_sha256": file_sha256(home / PREDICT_FILE)}
 
 
-def fingerprint(args: argparse.Namespace, input_sha256: str | None = None) -> dict[str, Any]:
+def weight_digests(args: argparse.Namespace) -> dict[str, str]:
+    """Content digests of the weight files, by name (a batch computes them once for all its scans)."""
+    return {p.name: file_sha256(p) for p in weight_files(args)}
+
+
+def fingerprint(args: argparse.Namespace, input_sha256: str | None = None,
+                weights: dict[str, str] | None = None) -> dict[str, Any]:
     """Everything that decides the outputs' content; two runs with equal fingerprints give equal files."""
     path = os.path.abspath(args.i)
     st = os.stat(path)
@@ -101,14 +118,18 @@ def fingerprint(args: argparse.Namespace, input_sha256: str | None = None) -> di
                   "sha256": input_sha256 or file_sha256(path)},
         "flags": {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RESULT_FLAGS},
         "engine": args.engine,
-        "weights": {p.name: file_sha256(p) for p in weight_files(args)},  # content, not location
+        "weights": weights if weights is not None else weight_digests(args),  # content, not location
         "upstream": upstream_checkout(args),
         "toolkit": toolkit(),
     }
 
 
-def stale_reason(args: argparse.Namespace) -> str | None:
-    """Why the recorded run cannot stand in for a new one, or None when it can."""
+def stale_reason(args: argparse.Namespace, shared: Collection[str] = (),
+                 weights: dict[str, str] | None = None) -> str | None:
+    """Why the recorded run cannot stand in for a new one, or None when it can.
+
+    ``shared`` tables must be among the record's shared tables (their rows are the caller's to check).
+    """
     side = sidecar_path(args)
     if not side.is_file():
         return f"no provenance record {side.name}"
@@ -119,8 +140,10 @@ def stale_reason(args: argparse.Namespace) -> str | None:
         rec = {}
     if rec.get("schema") != SCHEMA:
         return f"provenance record {side.name} is unreadable or from another version"
-    if set(outputs) != set(output_paths(args)):
+    if set(outputs) != set(output_paths(args, shared)):
         return "the requested outputs differ from the recorded run's"
+    if not {os.path.abspath(p) for p in shared} <= set(rec.get("shared_outputs", [])):
+        return "the requested tables differ from the recorded run's"
     missing = [p for p in outputs if not os.path.isfile(p)]
     if missing:
         return f"output missing: {missing[0]}"
@@ -130,7 +153,7 @@ def stale_reason(args: argparse.Namespace) -> str | None:
     if rec_input.get("size") != os.path.getsize(path):
         return "input changed (size differs)"
     try:
-        now = fingerprint(args)
+        now = fingerprint(args, weights=weights)
     except WeightsError as exc:
         return f"weights not found ({exc})"
     if now["input"]["sha256"] != rec_input.get("sha256"):
@@ -163,13 +186,15 @@ def check(args: argparse.Namespace, force: bool = False) -> int:
     return EXIT_STALE
 
 
-def write(args: argparse.Namespace) -> Path:
+def write(args: argparse.Namespace, shared: Collection[str] = (), weights: dict[str, str] | None = None) -> Path:
     """Record a finished run. Output digests are taken now, so a later edit of an output shows."""
-    missing = [p for p in output_paths(args) if not os.path.isfile(p)]
+    own = output_paths(args, shared)
+    missing = [p for p in own + [os.path.abspath(p) for p in shared] if not os.path.isfile(p)]
     if missing:
         raise ProvenanceError(f"run did not produce {missing[0]}; no provenance written")
-    record = {"schema": SCHEMA, **fingerprint(args),
-              "outputs": {p: file_sha256(p) for p in output_paths(args)},
+    record = {"schema": SCHEMA, **fingerprint(args, weights=weights),
+              "outputs": {p: file_sha256(p) for p in own},
+              "shared_outputs": sorted(os.path.abspath(p) for p in shared),
               "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     side = sidecar_path(args)
     write_text(side, json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import colours, geometry, memory
+from . import colours, geometry, memory, progress
 from . import labels as L
 from . import qc as qc_heads
 from . import volumes as V
@@ -46,6 +46,8 @@ class Options(SynthSegFlags):
     precision: str = "fp32"
     profile: bool = False
     debug: bool = False
+    resume: bool = False  # skip scans whose provenance record says current; record each finished scan
+    snapshot: str | None = None  # folder for QC snapshots and the cohort page
 
 
 @dataclass
@@ -86,11 +88,12 @@ def log(tag: str, msg: str) -> None:
     """One log line: [INFO], [RUN ], [SKIP], [DONE], [WARN] or [ERR] (errors and warnings on stderr)."""
     stream = sys.stderr if tag in ("ERR", "WARN") else sys.stdout
     line = f"[{'RUN ' if tag == 'RUN' else tag}] {printable(msg)}"
-    try:
-        print(line, file=stream, flush=True)
-    except UnicodeEncodeError:  # a non-UTF-8 terminal and a non-ASCII file name
-        enc = stream.encoding or "ascii"
-        print(line.encode(enc, "backslashreplace").decode(enc), file=stream, flush=True)
+    with progress.writing(stream):  # above a batch's progress bar, not through it
+        try:
+            print(line, file=stream, flush=True)
+        except UnicodeEncodeError:  # a non-UTF-8 terminal and a non-ASCII file name
+            enc = stream.encoding or "ascii"
+            print(line.encode(enc, "backslashreplace").decode(enc), file=stream, flush=True)
 
 
 class Predictor:
@@ -248,58 +251,78 @@ class _batchnorm_form:
 
 
 def run(opts: Options, plan: Plan, predictor: Predictor | None = None) -> int:
-    """Segment every image of ``plan``; returns the process exit status."""
+    """Segment the images of ``plan`` (with --resume: those not current); returns the exit status."""
+    from .cohort import Batch, stage_deltas
+
     timings = Timings()
     for note in plan.notes:
         log("INFO", note)
+    batch = Batch(opts, plan, log)
+    todo = batch.pending()  # before the model load: a finished batch loads nothing
+    if not todo:
+        batch.close()
+        return 0
     try:
         predictor = predictor or Predictor(opts, timings)
     except WeightsError as exc:
         log("ERR", str(exc))
+        batch.close()
         return 1
     label_set = predictor.labels
     vol_table = qc_table = None
     if plan.shared_csv and plan.vol[0] is not None:
-        vol_table = V.CsvTable(plan.vol[0], V.volume_columns(label_set, opts.parc), shared=True)
+        vol_table = batch.table(plan.vol[0], V.volume_columns(label_set, opts.parc))
     if plan.shared_csv and plan.qc[0] is not None:
-        qc_table = V.CsvTable(plan.qc[0], V.qc_columns(label_set), shared=True)
+        qc_table = batch.table(plan.qc[0], V.qc_columns(label_set))
 
     # A shared CSV collects every image's row: it is checked and locked for the whole batch, so that a second
     # batch writing the same table fails at once instead of overwriting rows.
-    with contextlib.ExitStack() as batch:
+    with contextlib.ExitStack() as locks:
         try:
             for out in plan.shared_outputs():
                 check_writable(out)
-            batch.enter_context(LockSet(plan.shared_outputs()))
+            locks.enter_context(LockSet(plan.shared_outputs()))
         except (OSError, LockedError) as exc:
             log("ERR", str(exc))
+            batch.close()
             return 1
         for out in plan.shared_outputs():
             for tmp in stale_temps(out):
                 tmp.unlink(missing_ok=True)
         failed: list[str] = []
         n = len(plan.images)
-        k = 0
+        k = todo[0]
+        batch.start(len(todo))
         try:
-            for k, path in enumerate(plan.images):
-                t_start = time.perf_counter()
+            for k in todo:
+                path = plan.images[k]
+                t_start, before = time.perf_counter(), dict(timings.stages)
                 log("RUN", f"{k + 1}/{n} {path}")
                 try:
-                    _one(opts, plan, k, predictor, timings, vol_table, qc_table)
+                    volumes, qc_scores = _one(opts, plan, k, predictor, timings, vol_table, qc_table)
                 except Exception as exc:  # one bad scan must not stop a batch; Ctrl-C still does
                     failed.append(path)
-                    log("ERR", _describe(exc, path))
+                    msg = _describe(exc, path)
+                    log("ERR", msg)
                     if opts.debug:
                         traceback.print_exc()
+                    batch.failed(k, msg)
                     continue
-                log("DONE", f"{path} -> {plan.seg[k]} ({time.perf_counter() - t_start:.1f} s)")
+                seconds = time.perf_counter() - t_start
+                stages = stage_deltas(before, timings.stages)
+                detail = "".join(f", {stage} {sec:.1f} s" for stage, sec in stages.items())
+                log("DONE", f"{path} -> {plan.seg[k]} ({seconds:.1f} s{detail})")
+                batch.done(k, seconds, stages, volumes, qc_scores)
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
+            if batch.progress:
+                batch.progress.close()
             log("ERR", f"interrupted ({signal.Signals(signum).name}) while segmenting {plan.images[k]}: no "
-                       f"partial output left; {k - len(failed)} of {n} image(s) had finished")
+                       f"partial output left; {batch.counts['segmented']} of {len(todo)} image(s) had finished")
             if opts.debug:
                 traceback.print_exc()
             return 128 + signum
+        batch.close()
     if opts.profile:
         for stage, sec in timings.stages.items():
             log("INFO", f"profile {stage}: {sec:.3f} s (peak RSS so far {timings.peak_gb[stage]:.2f} GB)")
@@ -325,9 +348,9 @@ def _describe(exc: Exception, path: str) -> str:
 
 
 def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timings,
-         vol_table: V.CsvTable | None, qc_table: V.CsvTable | None) -> None:
+         vol_table: V.CsvTable | None, qc_table: V.CsvTable | None) -> tuple[np.ndarray, np.ndarray | None]:
     """One image, from checks to committed outputs: nothing of it reaches its final names unless all of it
-    was written."""
+    was written. Returns its volumes and QC scores (for the cohort page)."""
     outputs = plan.image_outputs(k)
     for out in outputs:
         check_writable(out)  # before minutes of work, not after
@@ -335,17 +358,18 @@ def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timin
         for out in outputs + ([str(colours.sidecar_path(plan.seg[k]))] if opts.addctab else []):
             for tmp in stale_temps(out):  # left by a killed run; safe to remove under the lock
                 tmp.unlink(missing_ok=True)
-        rows = _segment(opts, plan, k, predictor, timings, vol_table, qc_table, stage)
+        rows, volumes, qc_scores = _segment(opts, plan, k, predictor, timings, vol_table, qc_table, stage)
         stage.commit()
     for table, row in rows:
         table.committed(row)
+    return volumes, qc_scores
 
 
 def _segment(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timings,
              vol_table: V.CsvTable | None, qc_table: V.CsvTable | None, stage: StagedOutputs
-             ) -> list[tuple[V.CsvTable, list[str]]]:
+             ) -> tuple[list[tuple[V.CsvTable, list[str]]], np.ndarray, np.ndarray | None]:
     """Load → preprocess → network → postprocess, with every output staged; returns the shared-CSV rows
-    that become part of the tables once the stage is committed."""
+    that become part of the tables once the stage is committed, the volumes and the QC scores."""
     path = plan.images[k]
     label_set = predictor.labels
     t0 = time.perf_counter()
@@ -397,4 +421,4 @@ def _segment(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: T
         table.stage(row, stage)
         rows.append((table, row))
     timings.add("write", time.perf_counter() - t3)
-    return rows
+    return rows, result.volumes, qc_scores
