@@ -391,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["rss"]:
         return rss_main(argv[1:])
     args = parser().parse_args(argv)
+    from .devices import prepare_tensorflow
+
+    prepare_tensorflow()  # test weights may be generated in this process: same TensorFlow settings and quiet logs
     try:
         return bench(args)
     except BenchError as exc:

@@ -278,22 +278,32 @@ class StagedUNet:
 
 
 class ChannelBlur:
-    """Gaussian smoothing of posteriors, one channel at a time, in place.
+    """Gaussian smoothing of posteriors, every channel separately, in place, slab by slab.
 
-    Upstream convolves each channel separately inside its graph; running the very same conv3d per
-    channel outside the graph gives the same bits while holding one channel, not three copies of
-    all 33, in memory.
+    Upstream convolves each channel separately inside its graph. Here each slab of 16 rows (plus a
+    one-row overlap) is turned channel-first and all channels go through the very same conv3d as one
+    batch: same kernel, same op, same bits as per-channel calls (tested), but contiguous memory. Blurring
+    channel by channel on the channel-last volume read and wrote the whole 1.4 GB array once per
+    channel (strided access) and cost ~7 s per pass at full size.
     """
 
-    def __init__(self, sigma: float):
+    def __init__(self, sigma: float, slab: int = 16):
         kernel = blur_kernel(sigma)
+        self.slab = slab
         self.fn = tf.function(
             lambda x: tf.nn.conv3d(x, kernel, [1] * 5, "SAME"),
-            input_signature=[tf.TensorSpec([1, None, None, None, 1], tf.float32)])
+            input_signature=[tf.TensorSpec([None, None, None, None, 1], tf.float32)])
+
+    def window(self, part: np.ndarray) -> np.ndarray:
+        """All channels of ``part`` (1, X, Y, Z, C) blurred, zero padding at its own borders."""
+        channels = np.ascontiguousarray(np.moveaxis(part[0], -1, 0)[..., None])
+        return np.moveaxis(self.fn(channels).numpy()[..., 0], 0, -1)[None]
 
     def __call__(self, post: np.ndarray) -> np.ndarray:
-        for c in range(post.shape[-1]):
-            post[..., c] = self.fn(np.ascontiguousarray(post[..., c:c + 1])).numpy()[..., 0]
+        size = post.shape[1]
+        slabs = ((x0, min(size, x0 + self.slab), post[:, x0:x0 + self.slab].copy()) for x0 in range(0, size, self.slab))
+        for x0, x1, part in blurred_slabs(slabs, self):  # each slab is copied before its neighbour is written
+            post[:, x0:x1] = part
         return post
 
 
@@ -318,7 +328,7 @@ def blurred_slabs(slabs: Iterator[tuple[int, int, np.ndarray]], blur: ChannelBlu
 def _blur_window(blur: ChannelBlur, before: np.ndarray | None, pending: tuple[int, int, np.ndarray],
                  after: np.ndarray | None) -> tuple[int, int, np.ndarray]:
     x0, x1, part = pending
-    window = blur(np.concatenate([p for p in (before, part, after) if p is not None], axis=1))
+    window = blur.window(np.concatenate([p for p in (before, part, after) if p is not None], axis=1))
     lo = 0 if before is None else 1
     return x0, x1, window[:, lo:lo + x1 - x0]
 
@@ -327,14 +337,12 @@ def average_flipped_slabs(post: np.ndarray, slabs: Iterator[tuple[int, int, np.n
                           flip: np.ndarray) -> np.ndarray:
     """:func:`average_flipped` with the flipped prediction arriving in slabs, so it is never held whole.
 
-    Slab ``[x0, x1)`` of the flipped volume lands on ``[X - x1, X - x0)`` of ``post``, mirrored; the
-    float32 operations per voxel are those of :func:`average_flipped`.
+    Slab ``[x0, x1)`` of the flipped volume lands on ``[X - x1, X - x0)`` of ``post``, mirrored and with
+    its channels swapped; the float32 operations per voxel are those of :func:`average_flipped`.
     """
-    size = post.shape[1]
+    size, order = post.shape[1], np.asarray(flip, dtype=np.intp)
     for x0, x1, part in slabs:
-        target, back = post[:, size - x1:size - x0], part[:, ::-1]
-        for c in range(post.shape[-1]):
-            target[..., c] += back[..., int(flip[c])]
+        post[:, size - x1:size - x0] += part[:, ::-1][..., order]
     post *= np.float32(0.5)
     return post
 
