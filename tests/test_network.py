@@ -73,12 +73,13 @@ def op_sequence(model) -> list[str]:
 
 def test_channel_blur_matches_in_graph_blur():
     """Per-channel blur outside the graph equals upstream-style concat of per-channel convs."""
-    post = np.random.RandomState(2).rand(1, 16, 16, 16, 5).astype(np.float32)
+    post = np.random.RandomState(2).rand(1, 37, 16, 14, 5).astype(np.float32)
     kernel = network.blur_kernel(0.5)
     ref = tf.concat([tf.nn.conv3d(tf.expand_dims(post[..., n], -1), kernel, [1] * 5, "SAME")
                      for n in range(5)], -1).numpy()
-    out = network.ChannelBlur(0.5)(post.copy())
-    np.testing.assert_array_equal(out, ref)
+    for slab in (1, 2, 7, 16, 37, 64):  # in place, slab by slab: each slab must see its unblurred neighbours
+        out = network.ChannelBlur(0.5, slab=slab)(post.copy())
+        np.testing.assert_array_equal(out, ref)
 
 
 def test_average_flipped_swaps_channels():
@@ -130,9 +131,11 @@ def test_staged_unet_is_bit_identical_to_one_predict(tmp_path):
                           + [np.abs(rng.normal(1, 0.1, w.shape)).astype(np.float32) for w in layer.get_weights()[2:]])
     x = rng.rand(1, 80, 32, 32, 1).astype(np.float32)
     whole = model.predict(x, verbose=0)
-    for fine_levels in (1, 2):
-        staged = network.StagedUNet(model, slab=32, fine_levels=fine_levels)  # 80 = two full slabs and a half one
+    for fine_levels, slab in ((1, 32), (2, 32), (2, 2), (2, 6), (2, 128)):  # 80 rows: full, partial, one slab
+        staged = network.StagedUNet(model, slab=slab, fine_levels=fine_levels)
         np.testing.assert_array_equal(staged.predict(x), whole)
+    with pytest.raises(ValueError, match="even"):
+        network.StagedUNet(model, slab=15)
     parts = list(network.StagedUNet(model, slab=16).predict_slabs(x))
     assert [(x0, x1) for x0, x1, _ in parts] == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 80)]
     np.testing.assert_array_equal(np.concatenate([p for _, _, p in parts], axis=1), whole)
@@ -154,5 +157,5 @@ def test_blur_and_flip_average_in_slabs_equal_whole_volume():
     for slab in (1, 5, 16, 37, 64):
         blurred = list(network.blurred_slabs(_slabs_of(flipped, slab), blur))
         np.testing.assert_array_equal(np.concatenate([p for _, _, p in blurred], axis=1), blur(flipped.copy()))
-        got = network.average_flipped_slabs(blur(post.copy()), iter(blurred), flip)
+        got = network.blur_average_flipped(blur(post.copy()), _slabs_of(flipped, slab), blur, flip)
         np.testing.assert_array_equal(got, whole)

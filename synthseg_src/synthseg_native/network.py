@@ -146,16 +146,22 @@ class ArgmaxLabels:
         return self.fn(post).numpy()
 
 
+Slab = tuple[int, int, "np.ndarray | tf.Tensor"]
+
+
 class StagedUNet:
     """Runs a trained :func:`unet` in exact stages so no high-resolution tensor of many channels is held whole.
 
-    For each of the ``fine_levels`` top resolutions, three stages run in slabs along the first axis: stem
-    (level input → its last encoder conv, the skip), pool (BatchNorm + max-pool of the skip) and head
-    (skip + upsampled coarser output → two convs and BatchNorm; at full resolution also likelihood and
-    softmax), with a 2-voxel halo for the two 3×3×3 convs. Only the coarse middle runs on the whole
-    volume. Measured bit-identical to one ``predict`` of the whole model. The ``tf.identity`` after each
-    stem matters: a conv output that is itself fetched is not fused with its bias and ELU by
-    TensorFlow's remapper, and the unfused kernels round differently.
+    At each of the ``fine_levels`` top resolutions every 3×3×3 convolution streams along the first
+    axis, one slab at a time, each slab sent with one row of context on either side taken from its
+    neighbours (:func:`context_slabs`): a convolution recomputes only the two rows next to its slab
+    (6 % extra at 32-row slabs), where running a level's two convolutions on one window with a 2-row
+    halo recomputed 4 rows for each (25 % at 16-row slabs). BatchNorm + max-pooling work on the skip's
+    slabs as they come; the decoder's first convolution reads its window of the stored skip and of the
+    upsampled coarser output. Only the coarse middle runs on the whole volume. Measured bit-identical
+    to one ``predict`` of the whole model: every piece is the same Keras layer on the same values, and
+    pieces are cut after a layer's activation, never between a convolution and its bias/ELU, which
+    TensorFlow's remapper fuses into one kernel that rounds differently from the unfused ops.
 
     Why two levels: TensorFlow's oneDNN allocator keeps its high-water mark for the life of the
     process, so the largest single graph sets the floor of the peak memory; with only the top level in
@@ -164,25 +170,39 @@ class StagedUNet:
 
     def __init__(self, model: tf.keras.Model, prefix: str = "unet", n_levels: int = 5, slab: int = 16,
                  fine_levels: int = 2):
-        self.slab, self.halo, self.fine = slab, 2, fine_levels
-        self._fns: dict[tuple, tf.types.experimental.GenericFunction] = {}
+        if slab < 2 or slab % 2:
+            raise ValueError(f"slab must be a positive even number of rows (2x2x2 pooling), not {slab}")
+        self.slab, self.fine = slab, fine_levels
         layer = model.get_layer
         cdt = tf.keras.mixed_precision.global_policy().compute_dtype  # float32 unless --precision
-        self.stems: list[tf.keras.Model] = []
-        self.pools: list[tf.keras.Model] = []
-        self.heads: list[tf.keras.Model] = []
-        level_in = model.inputs
+
+        def spec(channels: int, dtype: str = cdt) -> tf.TensorSpec:
+            return tf.TensorSpec([1, None, None, None, channels], tf.as_dtype(dtype))
+
+        rows = [tf.TensorSpec([], tf.int32)] * 3
+        self.encoders: list[tuple] = []  # per fine level: conv 0, conv 1, BatchNorm + max-pooling
+        self.decoders: list[tuple] = []  # per fine level: first conv (with the merge), second conv (+ BN ...)
         for level in range(fine_levels):
-            top = layer(f"{prefix}_conv_downarm_{level}_1")
-            x = level_in[0]
-            for conv in range(2):
-                x = layer(f"{prefix}_conv_downarm_{level}_{conv}")(x)
-            self.stems.append(tf.keras.Model(level_in, KL.Lambda(tf.identity)(x)))
-            skip_in = KL.Input(shape=[None, None, None, top.filters], dtype=cdt)
-            pooled = layer(f"{prefix}_maxpool_{level}")(layer(f"{prefix}_bn_down_{level}")(skip_in))
-            self.pools.append(tf.keras.Model(skip_in, pooled))
-            level_in = [KL.Input(shape=[None, None, None, top.filters], dtype=cdt)]
-        x = core_in = level_in[0]
+            conv0, conv1 = (layer(f"{prefix}_conv_downarm_{level}_{c}") for c in range(2))
+            bn, pool = layer(f"{prefix}_bn_down_{level}"), layer(f"{prefix}_maxpool_{level}")
+            in_dtype = model.inputs[0].dtype.name if level == 0 else cdt
+            self.encoders.append((
+                tf.function(_with_context(conv0), input_signature=[spec(conv0.kernel.shape[-2], in_dtype)] * 3),
+                tf.function(_with_context(conv1), input_signature=[spec(conv1.kernel.shape[-2])] * 3),
+                tf.function(lambda t, bn=bn, pool=pool: pool(bn(t, training=False)),
+                            input_signature=[spec(conv1.filters)])))
+            u = n_levels + (n_levels - 2 - level)
+            up, merge = layer(f"{prefix}_up_{u}"), layer(f"{prefix}_merge_{u}")
+            conv0, conv1 = (layer(f"{prefix}_conv_uparm_{u}_{c}") for c in range(2))
+            bn = layer(f"{prefix}_bn_up_{n_levels - 2 - level}")
+            tail = [bn] + ([layer(f"{prefix}_likelihood"), layer(f"{prefix}_prediction")] if level == 0 else [])
+            skip_ch = layer(f"{prefix}_conv_downarm_{level}_1").filters
+            low_ch = conv0.kernel.shape[-2] - skip_ch
+            self.decoders.append((
+                tf.function(_merged_conv(up, merge, conv0), input_signature=[spec(skip_ch), spec(low_ch)] + rows),
+                tf.function(_with_context(conv1, tail), input_signature=[spec(conv1.kernel.shape[-2])] * 3)))
+        x = core_in = KL.Input(shape=[None, None, None, layer(f"{prefix}_conv_downarm_{fine_levels - 1}_1").filters],
+                               dtype=cdt)
         skips = {}
         for level in range(fine_levels, n_levels):
             for conv in range(2):
@@ -192,33 +212,17 @@ class StagedUNet:
             if level < n_levels - 1:
                 x = layer(f"{prefix}_maxpool_{level}")(x)
         for res in range(n_levels - 2, fine_levels - 1, -1):  # decoder levels that stay in the core
-            x = self._decoder_level(layer, prefix, n_levels, res, skips[res], x)
+            u = n_levels + (n_levels - 2 - res)
+            x = layer(f"{prefix}_merge_{u}")([skips[res], layer(f"{prefix}_up_{u}")(x)])
+            for conv in range(2):
+                x = layer(f"{prefix}_conv_uparm_{u}_{conv}")(x)
+            x = layer(f"{prefix}_bn_up_{n_levels - 2 - res}")(x)
         self.core = tf.keras.Model(core_in, x)
-        for res in range(fine_levels - 1, -1, -1):
-            skip = KL.Input(shape=[None, None, None, layer(f"{prefix}_conv_downarm_{res}_1").filters], dtype=cdt)
-            low = KL.Input(shape=[None, None, None, x.shape[-1]], dtype=cdt)
-            x = self._decoder_level(layer, prefix, n_levels, res, skip, low)
-            if res == 0:
-                x = layer(f"{prefix}_prediction")(layer(f"{prefix}_likelihood")(x))
-            self.heads.insert(0, tf.keras.Model([skip, low], x))
-
-    @staticmethod
-    def _decoder_level(layer, prefix: str, n_levels: int, res: int, skip, low):
-        """Upsample, merge with the skip, two convs and BatchNorm: decoder level ``res`` of the U-Net."""
-        u = n_levels + (n_levels - 2 - res)
-        x = layer(f"{prefix}_merge_{u}")([skip, layer(f"{prefix}_up_{u}")(low)])
-        for conv in range(2):
-            x = layer(f"{prefix}_conv_uparm_{u}_{conv}")(x)
-        return layer(f"{prefix}_bn_up_{n_levels - 2 - res}")(x)
+        self.run_core = tf.function(lambda t: self.core(t, training=False), input_signature=[spec(core_in.shape[-1])])
 
     def predict(self, image: np.ndarray, verbose: int = 0) -> np.ndarray:
         """Same call as ``Model.predict`` so either can serve the runner."""
-        out = None
-        for x0, x1, part in self.predict_slabs(image):
-            if out is None:
-                out = np.empty((1, image.shape[1]) + part.shape[2:], dtype=part.dtype)
-            out[:, x0:x1] = part
-        return out
+        return _assemble(self.predict_slabs(image), image.shape[1])
 
     def predict_slabs(self, image: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """The network's output as consecutive slabs ``(x0, x1, output[:, x0:x1])`` along axis 1.
@@ -228,122 +232,175 @@ class StagedUNet:
         skips = []
         x = image
         for level in range(self.fine):
-            skips.append(self._slabs(self.stems[level], x, halo=self.halo))
-            x = self._slabs(self.pools[level], skips[-1], halo=0, shrink=2)
-        low = self._call(self.core, x)
+            skip, x = self._encode(level, x)
+            skips.append(skip)
+        low = self.run_core(x).numpy()
         del x
         for level in range(self.fine - 1, 0, -1):
-            low = self._slabs(self.heads[level], skips.pop(), halo=self.halo, coarse=low)
-        yield from self._iter_slabs(self.heads[0], skips.pop(), halo=self.halo, coarse=low)
+            low = _assemble(self._decode(level, skips.pop(), low), low.shape[1] * 2)
+        for x0, x1, part in self._decode(0, skips.pop(), low):
+            yield x0, x1, part.numpy()
 
-    def _call(self, net: tf.keras.Model, inputs) -> np.ndarray:
-        """One inference call through a traced function (no Keras ``predict`` data pipeline per slab).
+    def _encode(self, level: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Encoder level ``level``: its skip (the last conv, kept for the decoder) and its pooled output."""
+        conv0, conv1, pool = self.encoders[level]
+        size = x.shape[1]
+        skip = pooled = None
+        for x0, x1, part in context_slabs(conv1, context_slabs(conv0, _array_slabs(x, self.slab))):
+            down = pool(part).numpy()
+            if skip is None:
+                skip = np.empty((1, size) + tuple(part.shape[2:]), dtype=part.dtype.as_numpy_dtype)
+                pooled = np.empty((1, size // 2) + down.shape[2:], dtype=down.dtype)
+            skip[:, x0:x1] = part.numpy()
+            pooled[:, x0 // 2:x1 // 2] = down
+        return skip, pooled
 
-        Between stages tensors keep the network's compute dtype (bfloat16/float16 under --precision).
-        """
-        inputs = inputs if isinstance(inputs, list) else [inputs]
-        key = (id(net), tuple(str(x.dtype) for x in inputs))
-        fn = self._fns.get(key)
-        if fn is None:
-            specs = [tf.TensorSpec([1, None, None, None, t.shape[-1]], tf.as_dtype(x.dtype))
-                     for t, x in zip(net.inputs, inputs)]
-            fn = tf.function(lambda *xs: net(list(xs) if len(xs) > 1 else xs[0], training=False),
-                             input_signature=specs)
-            self._fns[key] = fn
-        return fn(*inputs).numpy()
+    def _decode(self, level: int, skip: np.ndarray, low: np.ndarray) -> Iterator[Slab]:
+        """Decoder level ``level`` as a stream of slabs: the upsampled coarser output ``low`` merged with
+        the skip, two convs and BatchNorm (at full resolution also the likelihood and the softmax)."""
+        first, second = self.decoders[level]
+        size = skip.shape[1]
 
-    def _slabs(self, net: tf.keras.Model, fine: np.ndarray, halo: int, shrink: int = 1,
-               coarse: np.ndarray | None = None) -> np.ndarray:
-        """Apply ``net`` slab by slab along axis 1 of ``fine`` and assemble the result."""
-        out = None
-        for x0, x1, part in self._iter_slabs(net, fine, halo, shrink, coarse):
-            if out is None:
-                out = np.empty((1, fine.shape[1] // shrink) + part.shape[2:], dtype=part.dtype)
-            out[:, x0:x1] = part
-        return out
+        def slabs() -> Iterator[Slab]:
+            for x0 in range(0, size, self.slab):
+                x1 = min(size, x0 + self.slab)
+                a, b = max(0, x0 - 1), min(size, x1 + 1)  # the slab and one row of context each side
+                yield x0, x1, first(skip[:, a:b], low[:, a // 2:(b + 1) // 2], a % 2, x0 - a, x1 - x0)
 
-    def _iter_slabs(self, net: tf.keras.Model, fine: np.ndarray, halo: int, shrink: int = 1,
-                    coarse: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
-        """``net`` on slabs of axis 1 of ``fine`` (and of ``coarse``, at half resolution), with a halo.
+        return context_slabs(second, slabs())
 
-        Slab starts and halos are even, so a slab of ``coarse`` upsamples onto exactly its fine slab.
-        """
-        size = fine.shape[1]
-        for x0 in range(0, size, self.slab):
-            x1 = min(size, x0 + self.slab)
-            a, b = max(0, x0 - halo), min(size, x1 + halo)
-            inputs = fine[:, a:b] if coarse is None else [fine[:, a:b], coarse[:, a // 2:b // 2]]
-            part = self._call(net, inputs)
-            yield x0 // shrink, x1 // shrink, part[:, (x0 - a) // shrink:(x1 - a) // shrink]
+
+def _with_context(conv: tf.keras.layers.Layer, tail: list | None = None):
+    """A 3×3×3 conv (bias and activation included) on a slab joined with its context rows, cut back to
+    the slab's rows, then the per-voxel layers of ``tail``: the piece that :func:`context_slabs` streams."""
+    def fn(before: tf.Tensor, part: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
+        start = tf.shape(before)[1]
+        x = conv(tf.concat([before, part, after], axis=1))[:, start:start + tf.shape(part)[1]]
+        for lay in tail or []:
+            x = lay(x, training=False) if isinstance(lay, KL.BatchNormalization) else lay(x)
+        return tf.identity(x)
+    return fn
+
+
+def _merged_conv(up: tf.keras.layers.Layer, merge: tf.keras.layers.Layer, conv: tf.keras.layers.Layer):
+    """The decoder's first conv on a window of the skip and of the coarser output (upsampled, then cut
+    to the window, ``off`` = the window's start is odd), cut back to rows ``[lo, lo + n)``."""
+    def fn(skip: tf.Tensor, low: tf.Tensor, off: tf.Tensor, lo: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+        upsampled = up(low)[:, off:off + tf.shape(skip)[1]]
+        return tf.identity(conv(merge([skip, upsampled]))[:, lo:lo + n])
+    return fn
+
+
+def _array_slabs(volume: np.ndarray, slab: int) -> Iterator[Slab]:
+    for x0 in range(0, volume.shape[1], slab):
+        yield x0, min(volume.shape[1], x0 + slab), volume[:, x0:x0 + slab]
+
+
+def _assemble(slabs: Iterator[Slab], size: int) -> np.ndarray:
+    out = None
+    for x0, x1, part in slabs:
+        part = part if isinstance(part, np.ndarray) else part.numpy()
+        if out is None:
+            out = np.empty((1, size) + part.shape[2:], dtype=part.dtype)
+        out[:, x0:x1] = part
+    return out
+
+
+def context_slabs(fn, slabs: Iterator[Slab]) -> Iterator[Slab]:
+    """``fn(before, part, after)`` on a volume that arrives as consecutive slabs along axis 1, one slab
+    behind the input: ``before`` is the last row of the previous slab, ``after`` the first row of the next
+    (empty at the volume's ends, where the op's own zero padding applies, as on the whole volume).
+
+    For any op that needs one row of context (a 3×3×3 convolution), this gives the bits of running it
+    on the whole volume while holding two slabs of its input at a time.
+    """
+    before = pending = None
+    for x0, x1, part in slabs:
+        if pending is not None:
+            yield pending[0], pending[1], fn(_rows(before, pending[2]), pending[2], part[:, :1])
+            before = pending[2][:, -1:]
+        pending = (x0, x1, part)
+    if pending is not None:
+        yield pending[0], pending[1], fn(_rows(before, pending[2]), pending[2], _rows(None, pending[2]))
+
+
+def _rows(rows, like):
+    """``rows``, or no rows at all (a (1, 0, ...) array shaped and typed like ``like``)."""
+    if rows is not None:
+        return rows
+    if isinstance(like, np.ndarray):
+        return np.zeros((1, 0) + like.shape[2:], dtype=like.dtype)
+    return tf.zeros((1, 0) + tuple(like.shape[2:]), dtype=like.dtype)
 
 
 class ChannelBlur:
     """Gaussian smoothing of posteriors, every channel separately, in place, slab by slab.
 
-    Upstream convolves each channel separately inside its graph. Here each slab of 16 rows (plus a
-    one-row overlap) is turned channel-first and all channels go through the very same conv3d as one
-    batch: same kernel, same op, same bits as per-channel calls (tested), but contiguous memory. Blurring
-    channel by channel on the channel-last volume read and wrote the whole 1.4 GB array once per
-    channel (strided access) and cost ~7 s per pass at full size.
+    Upstream convolves each channel separately inside its graph. Here each slab of 16 rows is sent to
+    TensorFlow with the row before and the row after it (its context); inside one traced function they
+    are joined, turned channel-first, and all channels go through the very same conv3d as one batch:
+    same kernel, same op, same bits as per-channel calls (tested), but contiguous memory. The joins and
+    transposes run in TensorFlow, on all threads: doing them in numpy (single-threaded, strided) cost
+    more than the convolution itself (4.8 s per pass at full size, now 2.7 s).
     """
 
     def __init__(self, sigma: float, slab: int = 16):
         kernel = blur_kernel(sigma)
         self.slab = slab
-        self.fn = tf.function(
-            lambda x: tf.nn.conv3d(x, kernel, [1] * 5, "SAME"),
-            input_signature=[tf.TensorSpec([None, None, None, None, 1], tf.float32)])
+        spec = tf.TensorSpec([1, None, None, None, None], tf.float32)
 
-    def window(self, part: np.ndarray) -> np.ndarray:
-        """All channels of ``part`` (1, X, Y, Z, C) blurred, zero padding at its own borders."""
-        channels = np.ascontiguousarray(np.moveaxis(part[0], -1, 0)[..., None])
-        return np.moveaxis(self.fn(channels).numpy()[..., 0], 0, -1)[None]
+        def blur(before: tf.Tensor, part: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
+            x = tf.concat([before, part, after], axis=1)
+            y = tf.nn.conv3d(tf.transpose(x[0], [3, 0, 1, 2])[..., None], kernel, [1] * 5, "SAME")
+            start = tf.shape(before)[1]
+            return tf.transpose(y[:, start:start + tf.shape(part)[1], ..., 0], [1, 2, 3, 0])[None]
+
+        self.fn = tf.function(blur, input_signature=[spec] * 3)
+
+    def window(self, part: np.ndarray, before: np.ndarray | None = None, after: np.ndarray | None = None
+               ) -> np.ndarray:
+        """All channels of ``part`` (1, X, Y, Z, C) blurred, with the rows ``before`` and ``after`` it as
+        context; where they are absent the convolution's zero padding applies (a volume's ends)."""
+        return self.fn(_rows(before, part), part, _rows(after, part)).numpy()
 
     def __call__(self, post: np.ndarray) -> np.ndarray:
         size = post.shape[1]
-        slabs = ((x0, min(size, x0 + self.slab), post[:, x0:x0 + self.slab].copy()) for x0 in range(0, size, self.slab))
-        for x0, x1, part in blurred_slabs(slabs, self):  # each slab is copied before its neighbour is written
-            post[:, x0:x1] = part
+        before = None
+        for x0 in range(0, size, self.slab):
+            x1 = min(size, x0 + self.slab)
+            out = self.window(post[:, x0:x1], before, post[:, x1:x1 + 1] if x1 < size else None)
+            before = post[:, x1 - 1:x1].copy()  # its unblurred last row is the next slab's context
+            post[:, x0:x1] = out
         return post
 
 
-def blurred_slabs(slabs: Iterator[tuple[int, int, np.ndarray]], blur: ChannelBlur
-                  ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Blur a volume that arrives as consecutive slabs along axis 1, one slab behind the input.
-
-    The 3×3×3 Gaussian needs one row on each side of a slab, so each slab is blurred together with
-    the last row of the slab before and the first row of the slab after; at the volume's ends the
-    convolution's own zero padding applies, as on the whole volume. Same bits as blurring it whole.
-    """
-    before = pending = None
-    for x0, x1, part in slabs:
-        if pending is not None:
-            yield _blur_window(blur, before, pending, part[:, :1])
-            before = pending[2][:, -1:]
-        pending = (x0, x1, part)
-    if pending is not None:
-        yield _blur_window(blur, before, pending, None)
+def blurred_slabs(slabs: Iterator[Slab], blur: ChannelBlur) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Blur a volume that arrives as consecutive slabs along axis 1, one slab behind the input, with
+    the same bits as blurring it whole (the 3×3×3 Gaussian needs one row of context each side)."""
+    return context_slabs(lambda before, part, after: blur.fn(before, part, after).numpy(), slabs)
 
 
-def _blur_window(blur: ChannelBlur, before: np.ndarray | None, pending: tuple[int, int, np.ndarray],
-                 after: np.ndarray | None) -> tuple[int, int, np.ndarray]:
-    x0, x1, part = pending
-    window = blur.window(np.concatenate([p for p in (before, part, after) if p is not None], axis=1))
-    lo = 0 if before is None else 1
-    return x0, x1, window[:, lo:lo + x1 - x0]
-
-
-def average_flipped_slabs(post: np.ndarray, slabs: Iterator[tuple[int, int, np.ndarray]],
-                          flip: np.ndarray) -> np.ndarray:
-    """:func:`average_flipped` with the flipped prediction arriving in slabs, so it is never held whole.
+def blur_average_flipped(post: np.ndarray, slabs: Iterator[Slab], blur: ChannelBlur, flip: np.ndarray
+                         ) -> np.ndarray:
+    """:func:`average_flipped` of ``post`` and the blurred flipped prediction, which arrives unblurred in
+    slabs, so it is never held whole; in place in ``post``.
 
     Slab ``[x0, x1)`` of the flipped volume lands on ``[X - x1, X - x0)`` of ``post``, mirrored and with
-    its channels swapped; the float32 operations per voxel are those of :func:`average_flipped`.
+    its channels swapped. Blur, mirror, swap, add and halve run in one TensorFlow call per slab (on all
+    threads); the float32 operations per voxel are those of :func:`average_flipped`, add then multiply.
     """
-    size, order = post.shape[1], np.asarray(flip, dtype=np.intp)
-    for x0, x1, part in slabs:
-        post[:, size - x1:size - x0] += part[:, ::-1][..., order]
-    post *= np.float32(0.5)
+    size = post.shape[1]
+    order = tf.constant(np.asarray(flip, dtype=np.int32))
+    spec = tf.TensorSpec([1, None, None, None, post.shape[-1]], tf.float32)
+
+    @tf.function(input_signature=[spec] * 4)
+    def average(before, part, after, target):
+        flipped = tf.gather(tf.reverse(blur.fn(before, part, after), axis=[1]), order, axis=-1)
+        return (target + flipped) * tf.constant(0.5, tf.float32)
+
+    for x0, x1, window in context_slabs(lambda *rows: rows, slabs):
+        target = post[:, size - x1:size - x0]
+        target[...] = average(*window, target).numpy()
     return post
 
 

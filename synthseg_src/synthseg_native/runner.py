@@ -180,11 +180,10 @@ class Predictor:
         if self.blur is None:  # robust: no smoothing anywhere
             blurred = returned = soft
         elif self.flip is not None:
-            from .network import average_flipped_slabs, blurred_slabs
+            from .network import blur_average_flipped
 
-            blurred = self.blur(soft)
             flipped = self.run_seg.predict_slabs(np.ascontiguousarray(image[:, ::-1]))
-            blurred = returned = average_flipped_slabs(blurred, blurred_slabs(flipped, self.blur), self.flip)
+            blurred = returned = blur_average_flipped(self.blur(soft), flipped, self.blur, self.flip)
         else:
             returned = soft.copy() if heads else None
             blurred = self.blur(soft)
@@ -394,7 +393,7 @@ def _segment(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: T
     labels_parc = L.parcellation_labels() if post_parc is not None else None
     result = postprocess(post_seg, post_parc, prep.shape, prep.pad_idx, prep.crop_idx, label_set.labels,
                          labels_parc, prep.affine, prep.resolution, opts.fast or opts.robust,
-                         label_set.topology, opts.v1)
+                         label_set.topology, opts.v1, threads=opts.threads or os.cpu_count() or 1)
     del post_seg, post_parc
     t3 = time.perf_counter()
     timings.add("postprocess", t3 - t2)
