@@ -176,15 +176,16 @@ class Predictor:
         one); with --parc and --qc together, the parcellation is returned unblurred. Reproduced here.
         """
         heads = self.parc_model is not None or self.qc_model is not None
-        soft = self.run_seg.predict(image, verbose=0)
         if self.blur is None:  # robust: no smoothing anywhere
-            blurred = returned = soft
-        elif self.flip is not None:
-            from .network import blur_average_flipped
+            blurred = returned = self.run_seg.predict(image, verbose=0)
+        elif self.flip is not None:  # both passes blurred as their slabs come out of the network
+            from .network import assemble, blur_average_flipped, blurred_slabs
 
+            blurred = assemble(blurred_slabs(self.run_seg.predict_slabs(image), self.blur), image.shape[1])
             flipped = self.run_seg.predict_slabs(np.ascontiguousarray(image[:, ::-1]))
-            blurred = returned = blur_average_flipped(self.blur(soft), flipped, self.blur, self.flip)
+            blurred = returned = blur_average_flipped(blurred, flipped, self.blur, self.flip)
         else:
+            soft = self.run_seg.predict(image, verbose=0)
             returned = soft.copy() if heads else None
             blurred = self.blur(soft)
             returned = blurred if returned is None else returned
