@@ -148,6 +148,7 @@ def test_folder_batch_with_one_bad_file(weights, inputs, tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "[ERR] " in err and "broken.nii.gz" in err
+    assert err.count("seeded random test weights") == 1  # said once per batch, not per image
     assert sorted(p.name for p in out.iterdir()) == ["mni_lia_synthseg.mgz", "mni_ras_synthseg.nii.gz"]
     rows = list(csv.reader(open(vol)))
     assert rows[0][0] == "subject" and [r[0] for r in rows[1:]] == ["mni_lia.mgz", "mni_ras"]

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from synthseg_native import network
-from synthseg_native.weights import WeightsError, assign, find_weights, read_weights, write_weights
+from synthseg_native.weights import WeightsError, assign, find_weights, is_test_weights, read_weights, write_weights
 
 
 def tiny_model() -> tf.keras.Model:
@@ -37,6 +37,19 @@ def test_round_trip_both_layouts(tmp_path, layout):
         for w in layer.weights:
             kind = w.name.split("/")[-1].split(":")[0]
             np.testing.assert_array_equal(w.numpy(), arrays[name][kind])
+
+
+def test_generated_test_weights_are_marked(tmp_path):
+    """Runs and benchmarks name random test weights as such wherever the files were copied to."""
+    model = tiny_model()
+    arrays = arrays_of(model, np.random.RandomState(0))
+    write_weights(tmp_path / "official-like.h5", arrays)
+    write_weights(tmp_path / "test.h5", arrays, test_seed=7)
+    (tmp_path / "broken.h5").write_bytes(b"not hdf5")
+    assert not is_test_weights(tmp_path / "official-like.h5")
+    assert is_test_weights(tmp_path / "test.h5")
+    assert not is_test_weights(tmp_path / "broken.h5")
+    assert read_weights(tmp_path / "test.h5").keys() == arrays.keys()  # the marker changes nothing else
 
 
 def test_keras_reads_our_files_like_official_ones(tmp_path):

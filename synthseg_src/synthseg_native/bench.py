@@ -103,13 +103,13 @@ def needed_models(flags: list[str]) -> list[str]:
 
 def resolve_weights(models: str | None, flags: list[str], work: Path) -> tuple[str, bool]:
     """Folder with the weights the flags need, and whether they are generated test weights."""
-    from .weights import MODEL_FILES, WeightsError, find_weights
+    from .weights import MODEL_FILES, WeightsError, find_weights, is_test_weights
 
     keys = needed_models(flags)
     try:
-        folders = {find_weights(MODEL_FILES[k], models).parent for k in keys}
-        if len(folders) == 1:
-            return str(folders.pop()), False
+        files = [find_weights(MODEL_FILES[k], models) for k in keys]
+        if len({f.parent for f in files}) == 1:
+            return str(files[0].parent), any(is_test_weights(f) for f in files)
     except WeightsError:
         pass
     from .testweights import generate
@@ -296,7 +296,7 @@ def summary_markdown(rows: list[dict], skipped: dict[str, str], facts: dict, pro
               f"thread(s), {setup['runs']} timed run(s) after {setup['warmup']} warm-up, each run into an emptied "
               "output folder.", ""]
     if setup["test_weights"]:
-        lines += ["**Weights: seeded random test weights** (no official weights were found). Run time does not "
+        lines += ["**Weights: seeded random test weights** (`synthseg_native.testweights`). Run time does not "
                   "depend on the weight values; the segmentations are anatomically meaningless.", ""]
     lines += ["| engine | mean ± sd (s) | min (s) | max (s) | speed-up vs reference | speed-up vs baseline | "
               "peak RSS |", "|---|---|---|---|---|---|---|"]

@@ -30,7 +30,7 @@ from .locking import LockedError, LockSet
 from .outputs import Plan
 from .postprocess import postprocess
 from .preprocess import preprocess
-from .weights import MODEL_FILES, WeightsError, assign, file_sha256, find_weights, read_weights
+from .weights import MODEL_FILES, WeightsError, assign, file_sha256, find_weights, is_test_weights, read_weights
 
 SIGMA_POSTERIORS = 0.5  # upstream smooths the segmentation posteriors with this Gaussian
 
@@ -138,6 +138,10 @@ class Predictor:
             self.parc_blur = network.ChannelBlur(SIGMA_POSTERIORS)
         if opts.qc:
             self.qc_model = self._load("qc", network.qc_model(len(np.unique(self.labels.qc_groups))))
+        for weights in self.weight_paths.values():
+            if is_test_weights(weights):
+                log("WARN", f"{weights}: seeded random test weights (synthseg_native.testweights), not the official "
+                            "ones: outputs are anatomically meaningless")
         timings.add("load_weights", time.perf_counter() - t0)
 
     def _load(self, key: str, model):

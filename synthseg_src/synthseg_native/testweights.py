@@ -234,7 +234,7 @@ def generate(out_dir: str | Path, seed: int = 0, layout: str = "model",
         else:
             raise ValueError(f"unknown model key {key!r}; choose from {sorted(MODEL_FILES)}")
         path = out / MODEL_FILES[key]
-        write_weights(path, arrays, layout=layout)
+        write_weights(path, arrays, layout=layout, test_seed=seed)
         written[key] = path
     return written
 

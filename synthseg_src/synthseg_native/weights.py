@@ -138,12 +138,28 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+TEST_WEIGHTS_ATTR = "synthseg_native_test_weights"  # root attribute of generated test weights: their seed
+
+
+def is_test_weights(path: str | os.PathLike) -> bool:
+    """Whether ``path`` was written by our test-weight generator (random, anatomically meaningless), so
+    that runs and benchmarks on such files say so wherever the files came from."""
+    try:
+        with h5py.File(path, "r") as f:
+            return TEST_WEIGHTS_ATTR in f.attrs
+    except Exception:  # unreadable files are reported by read_weights
+        return False
+
+
 def write_weights(path: str | os.PathLike, layers: dict[str, dict[str, np.ndarray]],
-                  layout: str = "model") -> None:
-    """Write arrays in Keras 2's HDF5 layout (``model``: under model_weights/, ``weights``: at the root)."""
+                  layout: str = "model", test_seed: int | None = None) -> None:
+    """Write arrays in Keras 2's HDF5 layout (``model``: under model_weights/, ``weights``: at the root);
+    ``test_seed`` marks generated test weights (an extra root attribute Keras ignores)."""
     with h5py.File(path, "w") as f:
         f.attrs["backend"] = b"tensorflow"
         f.attrs["keras_version"] = b"2.15.0"
+        if test_seed is not None:
+            f.attrs[TEST_WEIGHTS_ATTR] = test_seed
         root = f.create_group("model_weights") if layout == "model" else f
         if layout == "model":
             root.attrs["backend"] = b"tensorflow"
