@@ -27,12 +27,12 @@ GB = 1e9
 ENV_OVERRIDE = "SYNTHSEG_MEMORY_GB"
 N_LEVELS = 5
 # Peak-RSS fit, bytes = base + per_voxel * (padded 1 mm voxels) + the input copies below. Measured with
-# /usr/bin/time -v (test weights, 2 threads, CPU, tensorflow 2.15.1 + oneDNN, staged U-Net of 2026-11-25): default
-# 5.11 GB at 224x256x192 (full MNI152) and 12.39 GB at 320^3 (a 300^3 1 mm scan); --fast 4.55 GB at 224x256x192.
+# /usr/bin/time -v (test weights, 2 threads, CPU, tensorflow 2.15.1 + oneDNN, streamed U-Net of 2026-11-25 evening):
+# default 5.76 GB at 224x256x192 (full MNI152) and 14.27 GB at 320^3 (a 300^3 1 mm scan); --fast 5.01 GB at 224x256x192.
 # Robust runs as one Keras graph and the parcellation figure predates the two-level staging (both measured at
 # 160x192x160 and 128^3 on 2026-11-24: 6.05 GB --robust, 5.94 GB --parc): they err on the safe side.
-BASE_BYTES = 1.44 * GB
-PER_VOXEL = {"default": 314.0, "fast": 262.0, "robust": 1000.0}
+BASE_BYTES = 1.47 * GB
+PER_VOXEL = {"default": 371.0, "fast": 303.0, "robust": 1000.0}
 PER_VOXEL_PARC = 580.0      # the parcellation U-Net and its posteriors, on top of the segmentation
 QC_BYTES = 3.3 * GB         # the QC network on its fixed 224^3 grid
 INPUT_COPIES = 3            # float64 input, its blurred copy and the resampled grid during preprocessing
