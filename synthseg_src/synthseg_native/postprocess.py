@@ -3,6 +3,12 @@
 Mirrors upstream's ``predict_synthseg.postprocess`` operation by operation, including the dtypes it
 happens to use (float32 posteriors, float64 once a crop is pasted back) and the array views it sums
 over, because numpy's float sums depend on both and volumes are compared to 0.01 mm³.
+
+Only exact operations are reorganised to save memory (which matters for tiled runs, where
+post-processing sets the peak): boolean masks are built channel by channel and set slab by slab, and
+argmax runs slab by slab, because numpy copies a non-contiguous array (the cropped posteriors) whole
+before an argmax along its last axis. Comparisons, logical operations and argmax give the same result
+whatever the memory layout, so the output is the same bits.
 """
 
 from __future__ import annotations
@@ -30,6 +36,17 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return components == np.argmax(np.bincount(components.flat)[1:]) + 1
 
 
+SLAB = 16  # rows along the first axis per step of the slab-wise operations
+
+
+def argmax_last(post: np.ndarray) -> np.ndarray:
+    """``post.argmax(-1)`` slab by slab: the same indices (int64) without a contiguous copy of ``post``."""
+    out = np.empty(post.shape[:-1], dtype=np.intp)
+    for x0 in range(0, post.shape[0], SLAB):
+        out[x0:x0 + SLAB] = post[x0:x0 + SLAB].argmax(-1)
+    return out
+
+
 def _clean_segmentation(post: np.ndarray, pad_idx: np.ndarray, fast: bool,
                         topology: np.ndarray | None) -> np.ndarray:
     if fast or topology is None:
@@ -37,18 +54,26 @@ def _clean_segmentation(post: np.ndarray, pad_idx: np.ndarray, fast: bool,
     # Everything outside the largest brain blob becomes background.
     foreground = post[..., 1:]
     brain = largest_component(np.sum(foreground, axis=-1) > 0.25)
-    foreground[np.logical_not(brain)] = 0
+    for x0 in range(0, post.shape[0], SLAB):
+        foreground[x0:x0 + SLAB][np.logical_not(brain[x0:x0 + SLAB])] = 0
+    del brain
     if not fast and topology is not None:
-        confident = post > 0.25
+        # a channel's "confident" mask (> 0.25) is read before any of its own channels is changed: the classes
+        # are disjoint, so building each class's mask when its turn comes equals building all of them first
         for topology_class in np.unique(topology)[1:]:
             members = np.where(topology == topology_class)[0]
-            keep = largest_component(np.any(confident[..., members], axis=-1))
+            confident = np.zeros(post.shape[:-1], dtype=bool)
+            for idx in members:
+                confident |= post[..., idx] > 0.25
+            keep = largest_component(confident)
+            del confident
             for idx in members:
                 post[..., idx] *= keep
-        del confident
         post = geometry.crop_with_idx(post, pad_idx)
     else:
-        post[..., 1:] *= post[..., 1:] > 0.2
+        for x0 in range(0, post.shape[0], SLAB):
+            part = post[x0:x0 + SLAB, ..., 1:]
+            part *= part > 0.2
     post /= np.sum(post, axis=-1)[..., np.newaxis]
     return post
 
@@ -58,7 +83,7 @@ def postprocess(post_seg: np.ndarray, post_parc: np.ndarray | None, shape: list[
                 affine: np.ndarray, resolution: np.ndarray, fast: bool, topology: np.ndarray | None,
                 v1: bool) -> Result:
     post = _clean_segmentation(np.squeeze(post_seg), pad_idx, fast, topology)
-    seg_patch = labels[post.argmax(-1).astype("int32")].astype("int32")
+    seg_patch = labels[argmax_last(post).astype("int32")].astype("int32")
 
     if post_parc is not None:
         post_parc = geometry.crop_with_idx(np.squeeze(post_parc), pad_idx)
@@ -66,7 +91,7 @@ def postprocess(post_seg: np.ndarray, post_parc: np.ndarray | None, shape: list[
         post_parc[..., 0] = np.ones_like(post_parc[..., 0])
         post_parc[..., 0][np.logical_not(cortex < 0.1)] = 0
         post_parc /= np.sum(post_parc, axis=-1)[..., np.newaxis]
-        parc_patch = labels_parc[post_parc.argmax(-1).astype("int32")].astype("int32")
+        parc_patch = labels_parc[argmax_last(post_parc).astype("int32")].astype("int32")
         seg_patch[cortex] = parc_patch[cortex]
 
     if crop_idx is not None:
