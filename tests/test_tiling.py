@@ -288,9 +288,10 @@ def test_forced_small_budget_tiles_with_one_info_line_and_agrees(weights, inputs
                  str(models), "--threads", "2", "--max-memory", budget]) == 0
     info = _info(capsys.readouterr().out)
     assert len(info) == 1, info
-    assert re.search(r"\[INFO\] .*mni_ras\.nii\.gz: estimated 0\.7 GB for network grid 128x128x128 exceeds the memory "
-                     r"budget of 0\.5 GB \(--max-memory 0\.5 GB\): segmenting in 2 tiles of \d+x\d+x\d+ \(\dx\dx\d\) "
-                     r"overlapping by >= 32 voxels, estimated 0\.5 GB; results can differ from upstream near tile "
+    gb = [re.escape(f"{x / 1e9:.1f} GB") for x in (need, memory.parse_size(budget), need * 0.75)]
+    assert re.search(rf"\[INFO\] .*mni_ras\.nii\.gz: estimated {gb[0]} for network grid 128x128x128 exceeds the memory "
+                     rf"budget of {gb[1]} \(--max-memory {gb[1]}\): segmenting in 2 tiles of 128x128x96 \(1x1x2\) "
+                     rf"overlapping by >= 32 voxels, estimated {gb[2]}; results can differ from upstream near tile "
                      r"seams$", info[0]), info[0]
     a, b = _seg(whole), _seg(tiled)
     # the segmentation after post-processing, in the input's space (measured: 0.84 and a mean Dice of 0.41)

@@ -35,19 +35,22 @@ ENV_OVERRIDE = "SYNTHSEG_MEMORY_GB"
 ENV_TILES = "SYNTHSEG_TILES"  # e.g. 2x2x2: tiles per axis regardless of the budget (measurements, docs/performance.md)
 N_LEVELS = 5
 # Peak-RSS fit, bytes = base + per_voxel * (padded 1 mm voxels) + the input copies below. Measured with
-# /usr/bin/time -v (test weights, 2 threads, CPU, tensorflow 2.15.1 + oneDNN, staged U-Net of 2026-11-25): default
+# /usr/bin/time -v (test weights, CPU, tensorflow 2.15.1 + oneDNN, staged U-Net of 2026-11-25). 2 threads: default
 # 5.11 GB at 224x256x192 (full MNI152) and 12.39 GB at 320^3 (a 300^3 1 mm scan); --fast 4.55 GB at 224x256x192.
+# 1 thread needs more (oneDNN's per-shape buffers): default 5.45 GB and 13.36 GB, i.e. 345 instead of 314 bytes per
+# voxel; the default figure covers both, --fast is scaled by the same 1.1 (not measured at 1 thread).
 # Robust runs as one Keras graph and the parcellation figure predates the two-level staging (both measured at
 # 160x192x160 and 128^3 on 2026-11-24: 6.05 GB --robust, 5.94 GB --parc): they err on the safe side.
 BASE_BYTES = 1.44 * GB
-PER_VOXEL = {"default": 314.0, "fast": 262.0, "robust": 1000.0}
+PER_VOXEL = {"default": 345.0, "fast": 288.0, "robust": 1000.0}
 PER_VOXEL_PARC = 580.0      # the parcellation U-Net and its posteriors, on top of the segmentation
 QC_BYTES = 3.3 * GB         # the QC network on its fixed 224^3 grid
 INPUT_COPIES = 3            # float64 input, its blurred copy and the resampled grid during preprocessing
 # Tiled runs: each tile costs what an untiled run of the tile's size costs (PER_VOXEL on the tile), and the whole grid
 # still holds the stitched posteriors (33 float32), the network input, and post-processing's temporaries (bool masks,
-# components, argmax), which run on the whole grid: bytes per voxel of the whole padded grid, fitted to peak RSS of
-# tiled runs (docs/performance.md, "Tiling for large inputs").
+# components), which run on the whole grid: bytes per voxel of the whole padded grid. Fitted to the peak RSS of tiled
+# runs at 1 thread (docs/performance.md, "Tiling for large inputs"): 101-112 bytes on the MNI152, 136 on a 300^3
+# scan; 150 keeps the estimate 6-19 % above every measured peak (2 to 48 tiles).
 FULL_PER_VOXEL = {"default": 150.0, "fast": 150.0, "robust": 150.0}
 FULL_PER_VOXEL_PARC = 290.0  # the stitched parcellation posteriors (69 float32) and their argmax
 FULL_PER_VOXEL_QC = 4.0      # the stitched hard decision the QC network scores (int32)
