@@ -640,5 +640,6 @@ def test_out_of_memory_in_the_network_suggests_crop(models, t1, tmp_path, capsys
     assert main(["--i", str(src), "--o", str(seg), "--models", str(models), *QUICK]) == 1
     err = err_lines(capsys.readouterr().err)
     assert err == [f"[ERR] {src}: out of memory (Unable to allocate 12.0 GiB for an array); use --crop "
-                   "(e.g. --crop 160) to segment a smaller centred patch"]
+                   "(e.g. --crop 160) to segment a smaller centred patch, or --max-memory below what the machine "
+                   "has (e.g. --max-memory 8G) for smaller tiles"]
     assert files_in(seg.parent) == []

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Network arithmetic: fp32 (default, identical to upstream); bf16 (CPUs with AVX512-BF16/AMX, "
                    "CUDA >= 8.0) or fp16 (CUDA) are faster but NOT identical (docs/precision.md). Falls back to fp32 "
                    "with a warning where the hardware lacks support.")
+    p.add_argument("--max-memory", metavar="SIZE", type=_size, default="auto",
+                   help="Memory budget per image, e.g. 8G, 8GB, 8000M, 12.5G (decimal; 8GiB binary). An image whose "
+                   "estimated need exceeds it is segmented in overlapping tiles (fewest that fit; results can "
+                   "differ from upstream near tile seams, docs/performance.md); refused only if even the smallest "
+                   "tiles do not fit. Default auto: the memory available to the process (cgroup limits included).")
     p.add_argument("--engine", choices=["native", "upstream"], default="native",
                    help="native (default) or upstream: run $SYNTHSEG_HOME's SynthSeg for comparison.")
     p.add_argument("--synthseg-home", help="Upstream SynthSeg checkout for --engine upstream "
@@ -87,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _size(text: str) -> str:
+    """argparse type of --max-memory: checked here (a usage error), kept as text (provenance records it)."""
+    from .memory import SizeError, parse_size
+
+    try:
+        parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _check(args: argparse.Namespace) -> None:
     if args.robust and args.v1:
         raise UsageError("--robust cannot be used with --v1 (SynthSeg-robust only exists for 2.0)")
@@ -99,6 +115,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--keepgeom and --addctab are FreeSurfer 8 options; upstream SynthSeg has neither")
     if args.engine == "upstream" and args.precision != "fp32":
         raise UsageError("--precision is a native-engine option; upstream SynthSeg runs in fp32 only")
+    if args.engine == "upstream" and args.max_memory != "auto":
+        raise UsageError("--max-memory is a native-engine option; upstream SynthSeg has no tiling")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.engine == "upstream" and (args.resume or args.shard or args.snapshot or is_bids(args.i)):
@@ -170,6 +188,7 @@ def _main(argv: list[str] | None) -> int:
         log("INFO", f"--crop {' '.join(map(str, args.crop))} is rounded up to {' '.join(map(str, rounded))} "
                     f"(the network needs multiples of {2 ** N_LEVELS}), as upstream does")
     from .devices import prepare_tensorflow
+    from .memory import parse_size
 
     prepare_tensorflow(debug=args.debug)
     crop = None if args.crop is None else (args.crop * 3 if len(args.crop) == 1 else args.crop)
@@ -177,6 +196,7 @@ def _main(argv: list[str] | None) -> int:
                    vol=args.vol, qc=args.qc, post=args.post, resample=args.resample, crop=crop,
                    threads=args.threads, cpu=args.cpu, v1=args.v1, keepgeom=args.keepgeom, addctab=args.addctab,
                    models=args.models, bn=args.bn, precision=args.precision,
+                   max_memory=parse_size(args.max_memory),
                    profile=args.profile, debug=args.debug, resume=args.resume,
                    snapshot=os.path.abspath(args.snapshot) if args.snapshot else None)
     if args.engine == "upstream":

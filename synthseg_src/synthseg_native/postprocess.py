@@ -31,13 +31,24 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     (hence which of two equal blobs wins) are those of the whole volume, at a fraction of the cost for
     the small structures of the topology classes.
     """
+    keep = np.zeros_like(mask)
+    found = largest_component_in_box(mask)
+    if found is not None:
+        keep[found[0]] = found[1]
+    return keep
+
+
+def largest_component_in_box(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """:func:`largest_component` as (bounding box, blob inside it), or None for an empty mask.
+
+    The topology classes keep one such result each until the posteriors are cut; held as boxes they
+    cost a few bytes per class instead of a whole-grid mask each (23 of them for SynthSeg 2.0).
+    """
     box = _bounding_box(mask)
     if box is None:
-        return mask.copy()
+        return None
     components, _ = connected_components(mask[box])
-    keep = np.zeros_like(mask)
-    keep[box] = components == np.argmax(np.bincount(components.flat)[1:]) + 1
-    return keep
+    return box, components == np.argmax(np.bincount(components.flat)[1:]) + 1
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -48,6 +59,28 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     hits = (np.flatnonzero(columns.any(axis=1)), np.flatnonzero(columns.any(axis=0)),
             np.flatnonzero(np.any(mask, axis=(0, 1))))
     return tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits)
+
+
+def _bit(bits: np.ndarray, k: int, threads: int) -> np.ndarray:
+    """Class ``k``'s mask out of the bit field of :func:`_clean_segmentation`."""
+    plane, flag = bits[k // 8], np.uint8(1 << (k % 8))
+    mask = np.empty(plane.shape, dtype=bool)
+
+    def block(r: slice) -> None:
+        mask[r] = (plane[r] & flag) != 0
+    _in_slabs(block, plane.shape[0], threads, rows=16)
+    return mask
+
+
+def _rows_of(kept: tuple[tuple[slice, ...], np.ndarray] | None, r: slice, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows ``r`` of the whole-grid mask that a :func:`largest_component_in_box` result stands for."""
+    mask = np.zeros(shape, dtype=bool)
+    if kept is not None:
+        box, blob = kept
+        lo, hi = max(r.start, box[0].start), min(r.stop, box[0].stop)
+        if lo < hi:
+            mask[lo - r.start:hi - r.start, box[1], box[2]] = blob[lo - box[0].start:hi - box[0].start]
+    return mask
 
 
 def _in_slabs(fn: Callable[[slice], None], size: int, threads: int, rows: int = 4) -> None:
@@ -81,27 +114,33 @@ def _clean_segmentation(post: np.ndarray, pad_idx: np.ndarray, fast: bool,
         brain[r] = np.sum(post[r, ..., 1:], axis=-1) > 0.25
     _in_slabs(brain_mask, size, threads)
     outside = np.logical_not(largest_component(brain))
+    del brain
 
     def clear_outside(r: slice) -> None:
         post[r, ..., 1:][outside[r]] = 0
     _in_slabs(clear_outside, size, threads)
+    del outside
     if not fast and topology is not None:
         classes = [np.where(topology == c)[0] for c in np.unique(topology)[1:]]
-        confident = [np.empty(post.shape[:-1], dtype=bool) for _ in classes]
+        # each class's "confident" mask as one bit of a per-voxel bit field (8 classes per byte), so that
+        # the whole grid holds 3 bytes per voxel for them instead of 23 boolean masks
+        bits = np.zeros((-(-len(classes) // 8),) + post.shape[:-1], dtype=np.uint8)
 
         def confident_masks(r: slice) -> None:
             high = post[r] > 0.25
-            for mask, members in zip(confident, classes):
-                mask[r] = np.any(high[..., members], axis=-1)
+            for k, members in enumerate(classes):
+                np.bitwise_or(bits[k // 8, r], np.uint8(1 << (k % 8)), out=bits[k // 8, r],
+                              where=np.any(high[..., members], axis=-1))
         _in_slabs(confident_masks, size, threads)
-        keep = [largest_component(mask) for mask in confident]
-        confident.clear()
+        keep = [largest_component_in_box(_bit(bits, k, threads)) for k in range(len(classes))]
+        del bits
 
         def cut(r: slice) -> None:
             part = post[r]
             for kept, members in zip(keep, classes):
+                mask = _rows_of(kept, r, part.shape[:-1])
                 for idx in members:
-                    part[..., idx] *= kept[r]
+                    part[..., idx] *= mask
         _in_slabs(cut, size, threads)
         keep.clear()
         post = geometry.crop_with_idx(post, pad_idx)

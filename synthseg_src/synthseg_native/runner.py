@@ -3,9 +3,10 @@ for every image, reporting a failing image and carrying on with the others.
 
 This is the only module that knows the order of the steps; each step lives in its own module. It
 also owns what makes a batch safe to run unattended (docs/reliability.md): outputs are checked for
-writability and locked before an image is read, the memory it needs is estimated from its header,
-and all of its files (and its row of a shared CSV) are staged and renamed into place together, so a
-failure or an interrupt leaves no partial output and no other image is lost.
+writability and locked before an image is read, the memory it needs is estimated from its header
+(over the budget, the network runs in overlapping tiles: tiling.py), and all of its files (and its row
+of a shared CSV) are staged and renamed into place together, so a failure or an interrupt leaves no
+partial output and no other image is lost.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import colours, geometry, memory, progress
+from . import colours, geometry, memory, progress, tiling
 from . import labels as L
 from . import qc as qc_heads
 from . import volumes as V
@@ -48,6 +49,7 @@ class Options(SynthSegFlags):
     debug: bool = False
     resume: bool = False  # skip scans whose provenance record says current; record each finished scan
     snapshot: str | None = None  # folder for QC snapshots and the cohort page
+    max_memory: float | None = None  # bytes the run may use (--max-memory); None: the memory available
 
 
 @dataclass
@@ -179,6 +181,30 @@ class Predictor:
         the softmax layer, i.e. *before* the Gaussian blur (the parcellation still sees the blurred
         one); with --parc and --qc together, the parcellation is returned unblurred. Reproduced here.
         """
+        returned, blurred = self._segment(image)
+        post_parc = self._parcellate(image, blurred)
+        qc_scores = None if self.qc_model is None else self._qc(self._qc_channels(returned, blurred))
+        return returned, post_parc, qc_scores
+
+    def predict_tiled(self, image: np.ndarray, tiles: tiling.Tiling
+                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """:meth:`predict` tile by tile (``--max-memory``): segmentation, flip average, blur and parcellation
+        on each tile, stitched by centre cropping (tiling.py); the QC network once, on the stitched hard
+        decision, because it scores the whole segmentation."""
+
+        def one(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+            returned, blurred = self._segment(tile)
+            channels = None if self.qc_model is None else self._qc_channels(returned, blurred)
+            return returned, self._parcellate(tile, blurred), channels
+
+        returned, post_parc, channels = tiling.stitch(image, tiles, one)
+        assert returned is not None
+        qc_scores = None if channels is None else self._qc(channels)
+        return returned, post_parc, qc_scores
+
+    def _segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The posteriors returned as the segmentation's, and the blurred ones the heads decide on
+        (the same array except with --fast and a head)."""
         heads = self.parc_model is not None or self.qc_model is not None
         if self.blur is None:  # robust: no smoothing anywhere
             blurred = returned = self.run_seg.predict(image, verbose=0)
@@ -193,16 +219,23 @@ class Predictor:
             returned = soft.copy() if heads else None
             blurred = self.blur(soft)
             returned = blurred if returned is None else returned
-        post_parc = qc_scores = None
-        if self.parc_model is not None:
-            cortex = qc_heads.cortex_lut(self.labels)[self.channels(blurred)]
-            post_parc = self.run_parc.predict(qc_heads.parc_input(image, cortex), verbose=0)
-            if self.qc_model is None:
-                post_parc = self.parc_blur(post_parc)
-        if self.qc_model is not None:
-            channels = self.channels(returned if self.parc_model is not None else blurred)
-            qc_scores = self.qc_model.predict(qc_heads.qc_input(channels[0], self.labels), verbose=0)
-        return returned, post_parc, qc_scores
+        return returned, blurred
+
+    def _parcellate(self, image: np.ndarray, blurred: np.ndarray) -> np.ndarray | None:
+        if self.parc_model is None:
+            return None
+        cortex = qc_heads.cortex_lut(self.labels)[self.channels(blurred)]
+        post_parc = self.run_parc.predict(qc_heads.parc_input(image, cortex), verbose=0)
+        if self.qc_model is None:
+            post_parc = self.parc_blur(post_parc)
+        return post_parc
+
+    def _qc_channels(self, returned: np.ndarray, blurred: np.ndarray) -> np.ndarray:
+        """The hard decision (1, X, Y, Z) the QC network scores."""
+        return self.channels(returned if self.parc_model is not None else blurred)
+
+    def _qc(self, channels: np.ndarray) -> np.ndarray:
+        return self.qc_model.predict(qc_heads.qc_input(channels[0], self.labels), verbose=0)
 
 
 class _precision_policy:
@@ -347,8 +380,24 @@ def _describe(exc: Exception, path: str) -> str:
     detail = str(exc) if known else f"{type(exc).__name__}: {exc}"
     if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":
         cause = (str(exc).splitlines() or [type(exc).__name__])[0]
-        detail = f"out of memory ({cause}); use --crop (e.g. --crop 160) to segment a smaller centred patch"
+        detail = (f"out of memory ({cause}); use --crop (e.g. --crop 160) to segment a smaller centred patch, "
+                  "or --max-memory below what the machine has (e.g. --max-memory 8G) for smaller tiles")
     return detail if detail.startswith(path) else f"{path}: {detail}"
+
+
+def tiling_note(path: str, decision: memory.Decision, tiles: tiling.Tiling) -> str:
+    """The one [WARN] line of a tiled image: why, how, and that it costs exactness (so it is a warning)."""
+    est = decision.estimate
+    assert decision.tiled_need is not None
+    if decision.forced:
+        why = f"${memory.ENV_TILES} asks for tiles (untiled estimate {memory.format_size(est.need)})"
+    else:
+        assert decision.budget is not None
+        why = (f"estimated {memory.format_size(est.need)} for network grid {'x'.join(map(str, est.grid))} exceeds "
+               f"the memory budget of {memory.format_size(decision.budget)} ({decision.where})")
+    return (f"{path}: {why}: segmenting in {tiles.n_tiles} tiles of {'x'.join(map(str, tiles.tile_shape))} "
+            f"({'x'.join(map(str, tiles.counts))}) overlapping by >= {tiles.overlap} voxels, estimated "
+            f"{memory.format_size(decision.tiled_need)}; results can differ from upstream near tile seams")
 
 
 def _one(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: Timings,
@@ -377,7 +426,8 @@ def _segment(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: T
     path = plan.images[k]
     label_set = predictor.labels
     t0 = time.perf_counter()
-    memory.check(path, peek_image(path), opts.crop, opts.fast, opts.robust, opts.parc, bool(opts.qc))
+    decision = memory.decide(path, peek_image(path), opts.crop, opts.fast, opts.robust, opts.parc, bool(opts.qc),
+                             opts.max_memory)
     img = load_image(path)
     prep = preprocess(img, path, crop=opts.crop, ct=opts.ct, min_pad=opts.crop)
     if plan.resample[k] is not None:
@@ -387,11 +437,24 @@ def _segment(opts: Options, plan: Plan, k: int, predictor: Predictor, timings: T
             log("INFO", f"{path}: already at 1 mm, no resampled image written")
     t1 = time.perf_counter()
     timings.add("preprocess", t1 - t0)
-    post_seg, post_parc, qc_scores = predictor.predict(prep.image)
+    tiles = None
+    if decision.tiling is not None:
+        grid = prep.image.shape[1:4]  # the header's prediction of it is tested to be the same; if not, re-plan
+        tiles = decision.tiling if decision.tiling.grid == grid else tiling.layout(grid, decision.tiling.counts)
+        if tiles is None:
+            raise ValueError(f"{path}: network grid {'x'.join(map(str, grid))} cannot be cut into "
+                             f"{'x'.join(map(str, decision.tiling.counts))} tiles")
+        log("WARN", tiling_note(path, decision, tiles))
+        post_seg, post_parc, qc_scores = predictor.predict_tiled(prep.image, tiles)
+    else:
+        post_seg, post_parc, qc_scores = predictor.predict(prep.image)
     t2 = time.perf_counter()
     timings.add("network", t2 - t1)
     if opts.profile:
-        timings.network_flop += predictor.network_flop(prep.image.shape[1:])
+        if tiles is None:
+            timings.network_flop += predictor.network_flop(prep.image.shape[1:])
+        else:
+            timings.network_flop += tiles.n_tiles * predictor.network_flop(tiles.tile_shape + prep.image.shape[4:])
         log("INFO", f"profile {path}: network input {'x'.join(map(str, prep.image.shape[1:4]))}, "
                     f"{t2 - t1:.3f} s")
         t2 = time.perf_counter()  # tracing the FLOP count is not network time
