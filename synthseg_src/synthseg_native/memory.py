@@ -49,7 +49,7 @@ INPUT_COPIES = 3            # float64 input, its blurred copy and the resampled 
 # still holds the stitched posteriors (33 float32), the network input, and post-processing's temporaries, which run on
 # the whole grid: bytes per voxel of the whole padded grid. 150 keeps the estimate above every tiled peak measured
 # (docs/performance.md, "Tiling for large inputs"): 2026-11-26, 2 threads, streamed U-Net: MNI152 in 6 tiles 3.97 GB
-# (estimate 4.74), the 300^3 scan in 64 tiles 6.64 GB (estimate 7.84); earlier, staged U-Net at 1 thread, 2-48
+# (estimate 4.72), the 300^3 scan in 64 tiles 6.64 GB (estimate 7.84); earlier, staged U-Net at 1 thread, 2-48
 # tiles, 6-19 % under the estimate.
 FULL_PER_VOXEL = {"default": 150.0, "fast": 150.0, "robust": 150.0}
 FULL_PER_VOXEL_PARC = 290.0  # the stitched parcellation posteriors (69 float32) and their argmax

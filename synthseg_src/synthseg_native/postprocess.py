@@ -100,6 +100,23 @@ def _in_slabs(fn: Callable[[slice], None], size: int, threads: int, rows: int = 
             pass
 
 
+def _brain_mask(post: np.ndarray, threads: int) -> np.ndarray:
+    """Voxels whose foreground posteriors sum to more than 0.25."""
+    brain = np.empty(post.shape[:-1], dtype=bool)
+
+    def block(r: slice) -> None:
+        brain[r] = np.sum(post[r, ..., 1:], axis=-1) > 0.25
+    _in_slabs(block, post.shape[0], threads)
+    return brain
+
+
+def _clear_outside(post: np.ndarray, outside: np.ndarray, threads: int) -> None:
+    """Foreground posteriors set to 0 where ``outside``."""
+    def block(r: slice) -> None:
+        post[r, ..., 1:][outside[r]] = 0
+    _in_slabs(block, post.shape[0], threads)
+
+
 def _clean_segmentation(post: np.ndarray, pad_idx: np.ndarray, fast: bool,
                         topology: np.ndarray | None, threads: int = 1) -> np.ndarray:
     """Upstream's cleaning, in place: background outside the largest brain blob, then (not --fast)
@@ -107,19 +124,8 @@ def _clean_segmentation(post: np.ndarray, pad_idx: np.ndarray, fast: bool,
     if fast or topology is None:
         post = geometry.crop_with_idx(post, pad_idx)
     size = post.shape[0]
-    # Everything outside the largest brain blob becomes background.
-    brain = np.empty(post.shape[:-1], dtype=bool)
-
-    def brain_mask(r: slice) -> None:
-        brain[r] = np.sum(post[r, ..., 1:], axis=-1) > 0.25
-    _in_slabs(brain_mask, size, threads)
-    outside = np.logical_not(largest_component(brain))
-    del brain
-
-    def clear_outside(r: slice) -> None:
-        post[r, ..., 1:][outside[r]] = 0
-    _in_slabs(clear_outside, size, threads)
-    del outside
+    # Everything outside the largest brain blob becomes background (the masks are freed on return).
+    _clear_outside(post, np.logical_not(largest_component(_brain_mask(post, threads))), threads)
     if not fast and topology is not None:
         classes = [np.where(topology == c)[0] for c in np.unique(topology)[1:]]
         # each class's "confident" mask as one bit of a per-voxel bit field (8 classes per byte), so that
