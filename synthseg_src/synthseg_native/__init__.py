@@ -1,3 +1,37 @@
-"""Native SynthSeg toolkit: runs SynthSeg brain MRI segmentation with tf.keras on CPU, CUDA and Apple GPUs."""
+"""Native SynthSeg toolkit: SynthSeg brain MRI segmentation (Billot et al.), identical to upstream on the CPU.
 
-__version__ = "0.1.0"
+The public API (``docs/api.md``)::
+
+    from synthseg_native import segment, Segmenter
+
+    segment("t1.nii.gz", "t1_synthseg.nii.gz", vol="volumes.csv")     # as the command line
+    seg = Segmenter(parc=True)                                        # networks loaded once
+    result = seg.segment_image(nibabel.load("t1.nii.gz"))             # in memory
+
+The names are imported on first use, so ``import synthseg_native`` stays cheap and starts no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from .api import ImageResult, Result, ScanReport, Segmenter, segment
+    from .errors import (InputError, MemoryShortage, OutputError, SynthSegError, UpstreamError, UsageError,
+                         WeightsError)
+
+_LAZY = {
+    "segment": "api", "Segmenter": "api", "Result": "api", "ImageResult": "api", "ScanReport": "api",
+    "SynthSegError": "errors", "UsageError": "errors", "InputError": "errors", "OutputError": "errors",
+    "WeightsError": "errors", "MemoryShortage": "errors", "UpstreamError": "errors",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,203 @@
+"""One record of everything a run can be asked to do: upstream's flags, FreeSurfer 8's, ours.
+
+The command line, the Python API, the cohort workflow and the provenance cache all speak
+:class:`Options`. Each field carries its command-line spelling and help in its metadata, so the
+parser is generated from this class (``config.parser``) and a flag cannot exist in one form and not
+in the other. :meth:`Options.normalised` applies upstream's own rules once ("robust implies fast",
+one ``--crop`` size meaning three), :meth:`Options.check` refuses inconsistent combinations before
+any work, and the facts several layers need (which segmentation model, the grid step) live here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+from ..errors import UsageError
+from .sizes import parse_size
+
+N_LEVELS = 5                 # the U-Net halves the grid 5 times...
+GRID_STEP = 2 ** N_LEVELS    # ...so every network grid (and --crop) is a multiple of 32
+BN_FORMS = ("auto", "fused", "unfused")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ENGINES = ("native", "upstream")
+DEFAULT_BIDS_SUFFIXES = ("T1w",)
+
+MODEL, IO, RUN = "model", "io", "run"  # what a field decides: the networks, the files, or how the run behaves
+
+
+def round_up(n: int, m: int = GRID_STEP) -> int:
+    """Smallest multiple of ``m`` that is >= ``n``, with upstream's arithmetic (``int(n / m) + 1``)."""
+    if n % m == 0:
+        return n
+    return (int(n / m) + 1) * m
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/4"`` → (2, 4); i runs from 1 to N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise UsageError(f"--shard takes i/N, e.g. 1/4 (got {text!r})")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 1 <= i <= n:
+        raise UsageError(f"--shard {text}: need 1 <= i <= N")
+    return i, n
+
+
+def _opt(default: Any, help: str, kind: str, flag: str | None = None, group: str | None = None,
+         **argparse: Any) -> Any:
+    """A field with its command-line form: ``flag`` (default ``--<name>``), help, argparse keywords."""
+    meta = {"help": help, "kind": kind, "flag": flag, "group": group, "argparse": argparse}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+BATCH = "batches and cohorts (docs/cohorts.md)"
+
+
+@dataclass
+class Options:
+    """Every option of a run, with the command line's names and defaults; ``threads`` None means all cores."""
+
+    # upstream SynthSeg_predict.py
+    i: str | None = _opt(None, "Image to segment (.nii/.nii.gz/.mgz), a folder of images, a .txt list, or a BIDS "
+                         "dataset (a folder with dataset_description.json).", IO)
+    o: str | None = _opt(None, "Segmentation output: file or folder (folder if --i is a folder; .txt if a list; "
+                         "the derivative dataset's folder for BIDS).", IO)
+    parc: bool = _opt(False, "Cortical parcellation (DK atlas).", MODEL, action="store_true")
+    robust: bool = _opt(False, "SynthSeg-robust (implies --fast; not with --v1).", MODEL, action="store_true")
+    fast: bool = _opt(False, "Skip the flipped prediction and topology cleaning.", MODEL, action="store_true")
+    ct: bool = _opt(False, "Clip intensities to [0, 80] for CT scans.", MODEL, action="store_true")
+    vol: str | None = _opt(None, "CSV file with volumes (mm3) of all structures.", IO)
+    qc: str | bool | None = _opt(None, "CSV file with automated QC scores.", IO)
+    post: str | None = _opt(None, "Posteriors output(s), same kind as --o.", IO)
+    resample: str | None = _opt(None, "Resampled input image(s) at 1 mm, same kind as --o.", IO)
+    crop: list[int] | None = _opt(None, "Analyse a centred patch of this size (1 or 3 values).", MODEL,
+                                  nargs="+", type=int)
+    threads: int | None = _opt(None, "CPU threads for TensorFlow (default: all cores; upstream defaults to 1).",
+                               MODEL, type=int)
+    cpu: bool = _opt(False, "Run on the CPU even if a GPU is available.", MODEL, action="store_true")
+    v1: bool = _opt(False, "Use SynthSeg 1.0 instead of 2.0.", MODEL, action="store_true")
+    # FreeSurfer 8's mri_synthseg
+    keepgeom: bool = _opt(False, "FreeSurfer 8: write outputs on the input's voxel grid (labels nearest, "
+                          "posteriors linear); volumes still come from the 1 mm posteriors.", MODEL,
+                          action="store_true")
+    addctab: bool = _opt(False, "FreeSurfer 8: FreeSurfer colours and names for the labels (embedded in .mgz, "
+                         "sidecar <name>_ctab.txt for NIfTI).", MODEL, action="store_true")
+    # this toolkit
+    models: str | None = _opt(None, "Folder with the weight files (searched first).", MODEL)
+    bn: str = _opt("auto", "BatchNorm form: fused (exact, CPU/CUDA), unfused (Metal); auto picks per device.",
+                   MODEL, choices=list(BN_FORMS))
+    precision: str = _opt("fp32", "Network arithmetic: fp32 (default, identical to upstream); bf16 (CPUs with "
+                          "AVX512-BF16/AMX, CUDA >= 8.0) or fp16 (CUDA) are faster but NOT identical "
+                          "(docs/precision.md). Falls back to fp32 with a warning where the hardware lacks support.",
+                          MODEL, choices=list(PRECISIONS))
+    max_memory: str = _opt("auto", "Memory budget per image, e.g. 8G, 8GB, 8000M, 12.5G (decimal; 8GiB binary). An "
+                           "image whose estimated need exceeds it is segmented in overlapping tiles (fewest that "
+                           "fit; results can differ from upstream near tile seams, docs/performance.md); refused "
+                           "only if even the smallest tiles do not fit. Default auto: the memory available to the "
+                           "process (cgroup limits included).", MODEL, flag="--max-memory", metavar="SIZE")
+    engine: str = _opt("native", "native (default) or upstream: run $SYNTHSEG_HOME's SynthSeg for comparison.",
+                       MODEL, choices=list(ENGINES))
+    synthseg_home: str | None = _opt(None, "Upstream SynthSeg checkout for --engine upstream "
+                                     "(default: $SYNTHSEG_HOME).", MODEL, flag="--synthseg-home")
+    # batches
+    resume: bool = _opt(False, "Record each finished scan (<seg>.provenance.json) and skip scans whose record "
+                        "proves their outputs current; a batch with nothing to do loads no model.", IO, group=BATCH,
+                        action="store_true")
+    shard: str | None = _opt(None, "Segment only part i of N (1 <= i <= N) of the sorted scan list; N workers with "
+                             "the same arguments split it exactly. Shared CSVs become <name>.shard-i-of-N.csv "
+                             "(python -m synthseg_native.batch.cohort finish merges them).", IO, group=BATCH,
+                             metavar="i/N")
+    snapshot: str | None = _opt(None, "QC snapshot per scan (DIR/<name>.png: three slices, labels in FreeSurfer "
+                                "colours) and a cohort page DIR/index.html (thumbnail, key volumes, QC scores, run "
+                                "time).", IO, group=BATCH, metavar="DIR")
+    bids_suffix: list[str] = _opt(list(DEFAULT_BIDS_SUFFIXES), "With a BIDS dataset as --i: the anat suffixes to "
+                                  "segment (default: T1w).", IO, flag="--bids-suffix", group=BATCH, nargs="+",
+                                  metavar="SUFFIX")
+    profile: bool = _opt(False, "Print the time spent in each stage.", RUN, action="store_true")
+    debug: bool = _opt(False, "Show Python tracebacks and TensorFlow logs.", RUN, action="store_true")
+
+    # -- derived facts ------------------------------------------------------------------------------
+    @property
+    def segmentation_model(self) -> str:
+        """Key of the segmentation network's weights (``engine.weights.MODEL_FILES``)."""
+        return "robust" if self.robust else ("seg1" if self.v1 else "seg2")
+
+    @property
+    def model_keys(self) -> list[str]:
+        """Every network this run loads: the segmentation model, then parcellation and QC heads."""
+        return [self.segmentation_model] + [k for k, on in (("parc", self.parc), ("qc", self.qc)) if on]
+
+    @property
+    def max_memory_bytes(self) -> float | None:
+        """``max_memory`` in bytes; None: the memory available to the process."""
+        return parse_size(self.max_memory)
+
+    @property
+    def version(self) -> str:
+        """The model's name as the log lines say it: ``SynthSeg 2.0 (fast)``."""
+        if self.robust:
+            return "SynthSeg-robust 2.0"
+        return ("SynthSeg 1.0" if self.v1 else "SynthSeg 2.0") + (" (fast)" if self.fast else "")
+
+    # -- upstream's rules and ours -----------------------------------------------------------------
+    def normalised(self) -> Options:
+        """The same request in its one canonical form: "--robust" and "--robust --fast" are the same run, and so
+        are "--crop 160" and "--crop 160 160 160"; paths that outlive the working directory become absolute."""
+        crop = None if self.crop is None else [int(c) for c in self.crop]
+        if crop is not None and len(crop) == 1:
+            crop = crop * 3
+        return replace(self, fast=self.fast or self.robust, crop=crop,
+                       snapshot=os.path.abspath(self.snapshot) if self.snapshot else None,
+                       bids_suffix=list(self.bids_suffix), max_memory=str(self.max_memory))
+
+    def check(self) -> None:
+        """Refuse combinations that cannot work, before anything is loaded (:class:`UsageError`)."""
+        if self.robust and self.v1:
+            raise UsageError("--robust cannot be used with --v1 (SynthSeg-robust only exists for 2.0)")
+        if self.crop is not None:
+            if len(self.crop) not in (1, 3):
+                raise UsageError(f"--crop takes 1 or 3 sizes, got {len(self.crop)}")
+            if any(c <= 0 for c in self.crop):
+                raise UsageError(f"--crop sizes must be positive, got {self.crop}")
+        for name, allowed in (("bn", BN_FORMS), ("precision", PRECISIONS), ("engine", ENGINES)):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        parse_size(self.max_memory)
+        if self.engine == "upstream" and (self.keepgeom or self.addctab):
+            raise UsageError("--keepgeom and --addctab are FreeSurfer 8 options; upstream SynthSeg has neither")
+        if self.engine == "upstream" and self.precision != "fp32":
+            raise UsageError("--precision is a native-engine option; upstream SynthSeg runs in fp32 only")
+        if self.engine == "upstream" and str(self.max_memory) != "auto":
+            raise UsageError("--max-memory is a native-engine option; upstream SynthSeg has no tiling")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        if self.engine == "upstream" and (self.resume or self.shard or self.snapshot):
+            raise UsageError("--resume, --shard, --snapshot and BIDS datasets need the native engine")
+        if self.shard:
+            parse_shard(self.shard)
+
+    @classmethod
+    def names(cls, kind: str | None = None) -> list[str]:
+        """The fields (of one kind: ``MODEL``, ``IO``, ``RUN``), in command-line order."""
+        return [f.name for f in fields(cls) if kind is None or f.metadata["kind"] == kind]
+
+    @classmethod
+    def from_keywords(cls, where: str, **keywords: Any) -> Options:
+        """Options from keyword arguments (the API), refusing unknown names as a usage error naming them."""
+        known = set(cls.names())
+        unknown = sorted(set(keywords) - known)
+        if unknown:
+            raise UsageError(f"{where}: unknown option(s) {', '.join(unknown)}; the options are the command "
+                             f"line's flags: {', '.join(sorted(known - {'i', 'o'}))}")
+        return cls(**keywords)
+
+
+def default(name: str) -> Any:
+    """The default of field ``name`` (for the parser)."""
+    f = next(f for f in fields(Options) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]

@@ -1,0 +1,106 @@
+"""One image, in memory: preprocess → network (whole or in tiles) → post-process → output grid.
+
+This is the only code that knows the order of the engine's steps; the batch runner adds files,
+locks and bookkeeping around it, the API hands it nibabel images. Nothing here writes a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import Options, format_size
+from ..io.images import ImageInfo, LoadedImage
+from . import geometry, memory, tiling
+from . import labels as L
+from .postprocess import postprocess
+from .predictor import Predictor, Timings
+from .preprocess import Prepared, preprocess
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Segmentation:
+    """What one image's run produced, on the output grid (1 mm, or the input's grid with ``keepgeom``)."""
+
+    labels: np.ndarray               # int32 label values
+    posteriors: np.ndarray | None    # float, one channel per label (None unless asked for)
+    affine: np.ndarray               # of the output grid
+    header: object                   # the input's header, reused for the outputs as upstream does
+    volumes: np.ndarray              # mm³ in the volume CSV's column order
+    qc_scores: np.ndarray | None     # the QC network's raw output (``batch.tables.qc_row`` rounds it)
+    prepared: Prepared               # the network input and the 1 mm image (``prepared.resampled``)
+
+
+def memory_plan(name: str, info: ImageInfo, opts: Options) -> memory.Decision:
+    """Whole or tiled, from the header alone (before the voxels are read); :class:`MemoryShortage` if neither fits."""
+    return memory.decide(name, info, opts.crop, opts.fast, opts.robust, opts.parc, bool(opts.qc),
+                         opts.max_memory_bytes)
+
+
+def segment_image(predictor: Predictor, opts: Options, img: LoadedImage, name: str, decision: memory.Decision,
+                  timings: Timings, posteriors: bool = False,
+                  prepared: Callable[[Prepared], None] | None = None) -> Segmentation:
+    """Segment ``img`` (called ``name`` in messages) as ``opts`` asks; ``prepared`` sees the network input first
+    (the batch writes the resampled image from it while the network runs)."""
+    t0 = time.perf_counter()
+    prep = preprocess(img, name, crop=opts.crop, ct=opts.ct, min_pad=opts.crop)
+    if prepared is not None:
+        prepared(prep)
+    t1 = time.perf_counter()
+    timings.add("preprocess", t1 - t0)
+    tiles = None
+    if decision.tiling is not None:
+        grid = prep.image.shape[1:4]  # the header's prediction of it is tested to be the same; if not, re-plan
+        tiles = decision.tiling if decision.tiling.grid == grid else tiling.layout(grid, decision.tiling.counts)
+        if tiles is None:
+            raise ValueError(f"{name}: network grid {'x'.join(map(str, grid))} cannot be cut into "
+                             f"{'x'.join(map(str, decision.tiling.counts))} tiles")
+        logger.warning(tiling_note(name, decision, tiles))
+        post_seg, post_parc, qc_scores = predictor.predict_tiled(prep.image, tiles)
+    else:
+        post_seg, post_parc, qc_scores = predictor.predict(prep.image)
+    t2 = time.perf_counter()
+    timings.add("network", t2 - t1)
+    if opts.profile:
+        if tiles is None:
+            timings.network_flop += predictor.network_flop(prep.image.shape[1:])
+        else:
+            timings.network_flop += tiles.n_tiles * predictor.network_flop(tiles.tile_shape + prep.image.shape[4:])
+        logger.info(f"profile {name}: network input {'x'.join(map(str, prep.image.shape[1:4]))}, {t2 - t1:.3f} s")
+        t2 = time.perf_counter()  # tracing the FLOP count is not network time
+    label_set = predictor.labels
+    labels_parc = L.parcellation_labels() if post_parc is not None else None
+    result = postprocess(post_seg, post_parc, prep.shape, prep.pad_idx, prep.crop_idx, label_set.labels,
+                         labels_parc, prep.affine, prep.resolution, opts.fast or opts.robust,
+                         label_set.topology, opts.v1, threads=opts.threads or os.cpu_count() or 1)
+    del post_seg, post_parc
+    seg, post, affine = result.segmentation, result.posteriors, prep.affine
+    if opts.keepgeom and prep.resampled is not None:
+        seg = geometry.resample_like(seg, affine, img.data.shape, img.affine, order=0)
+        if posteriors:
+            post = geometry.resample_like(post, affine, img.data.shape, img.affine, order=1)
+        affine = img.affine
+    timings.add("postprocess", time.perf_counter() - t2)
+    return Segmentation(seg, post if posteriors else None, affine, prep.header, result.volumes, qc_scores, prep)
+
+
+def tiling_note(name: str, decision: memory.Decision, tiles: tiling.Tiling) -> str:
+    """The one [WARN] line of a tiled image: why, how, and that it costs exactness (so it is a warning)."""
+    est = decision.estimate
+    assert decision.tiled_need is not None
+    if decision.forced:
+        why = f"${memory.ENV_TILES} asks for tiles (untiled estimate {format_size(est.need)})"
+    else:
+        assert decision.budget is not None
+        why = (f"estimated {format_size(est.need)} for network grid {'x'.join(map(str, est.grid))} exceeds "
+               f"the memory budget of {format_size(decision.budget)} ({decision.where})")
+    return (f"{name}: {why}: segmenting in {tiles.n_tiles} tiles of {'x'.join(map(str, tiles.tile_shape))} "
+            f"({'x'.join(map(str, tiles.counts))}) overlapping by >= {tiles.overlap} voxels, estimated "
+            f"{format_size(decision.tiled_need)}; results can differ from upstream near tile seams")

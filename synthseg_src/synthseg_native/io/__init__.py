@@ -1,0 +1,1 @@
+"""Files: images in and out, atomic (staged) writes, output locks, FreeSurfer colour tables."""

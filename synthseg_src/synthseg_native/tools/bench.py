@@ -1,0 +1,436 @@
+"""``make bench``: native vs upstream reference vs Docker baseline, timed by hyperfine, in one command.
+
+A hand-timed loop cannot be re-run or trusted; this runs every available engine on the same input,
+flags and threads under hyperfine (each run forced into an emptied output folder), wraps each run to
+record its peak RSS (hyperfine measures time only), profiles one native run stage by stage, measures
+the machine's conv3d roofline with the same TensorFlow build, and writes everything into
+``results/<date>-<host>/``: hyperfine's JSON and markdown, machine facts, a summary table and a chart.
+
+The default input is the MNI152 T1 inside nilearn, so a fresh machine can run it. Without official
+weights it uses seeded test weights and says so: run time does not depend on the weight values.
+
+Usage: synthseg-native-bench [--in IMG] [--runs 5] [--warmup 1] [--threads N] [--flags "..."]
+       python -m synthseg_native.tools.bench rss --record FILE -- CMD...   (internal: peak RSS of one run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+
+from ..engine import machine
+from ..engine.backends.tf.devices import prepare_tensorflow
+from ..engine.weights import MODEL_FILES, find_weights, is_test_weights
+from ..errors import UpstreamError, WeightsError
+from ..io.atomic import atomic_write, image_extension, write_text
+from ..log import DONE, RUN, SKIP
+from ..reference.upstream import find_synthseg_home
+from .testweights import generate
+
+logger = logging.getLogger(__name__)
+
+
+def project_root() -> Path:
+    """The source tree this package runs from (results/ and scripts/ live there), or the working directory
+    for an installed package."""
+    for folder in Path(__file__).resolve().parents:
+        if (folder / "pyproject.toml").is_file() and (folder / "synthseg_src").is_dir():
+            return folder
+    return Path.cwd()
+
+
+PROJECT = project_root()
+HYPERFINE_HINT = ("install the command-line tool: 'apt-get install hyperfine', 'brew install hyperfine' or "
+                  "'cargo install hyperfine' (never 'pip install hyperfine': that PyPI package is an unrelated "
+                  "physics library)")
+PROFILE_LINE = re.compile(r"profile (\w+): ([\d.]+) s \(peak RSS so far ([\d.]+) GB\)")
+THROUGHPUT_LINE = re.compile(r"profile network throughput: ([\d.]+) GFLOP .* = ([\d.]+) GFLOP/s")
+SHAPE_LINE = re.compile(r"network input (\d+x\d+x\d+)")
+
+
+class BenchError(Exception):
+    """The benchmark cannot run (missing tool, failing engine); the message says what to do."""
+
+
+@dataclass
+class Engine:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    out: Path
+
+
+# ---------------------------------------------------------------------------------------------------
+# peak RSS of one run
+
+
+def peak_rss_kb_of_children() -> int:
+    return int(machine.peak_rss_of_children() // 1024)
+
+
+def rss_main(argv: list[str]) -> int:
+    """Run a command, append its peak RSS (largest process of its tree) to a JSON-lines record."""
+    p = argparse.ArgumentParser(prog="bench rss")
+    p.add_argument("--record", required=True)
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    rc = subprocess.call(cmd)
+    with open(args.record, "a") as fh:
+        fh.write(json.dumps({"peak_rss_kb": peak_rss_kb_of_children(), "rc": rc}) + "\n")
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs, weights, engines
+
+
+def default_results_dir() -> Path:
+    host = platform.node().split(".")[0] or "host"
+    return PROJECT / "results" / f"{dt.date.today().isoformat()}-{host}"
+
+
+def default_input(work: Path) -> Path:
+    from nilearn.datasets import load_mni152_template
+
+    image = work / "mni152_t1.nii.gz"
+    if not image.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        nib.save(load_mni152_template(resolution=1), str(image))
+    return image
+
+
+def needed_models(flags: list[str]) -> list[str]:
+    keys = ["robust" if "--robust" in flags else ("seg1" if "--v1" in flags else "seg2")]
+    keys += [k for k, flag in (("parc", "--parc"), ("qc", "--qc")) if flag in flags]
+    return keys
+
+
+def resolve_weights(models: str | None, flags: list[str], work: Path) -> tuple[str, bool]:
+    """Folder with the weights the flags need, and whether they are generated test weights."""
+    keys = needed_models(flags)
+    try:
+        files = [find_weights(MODEL_FILES[k], models) for k in keys]
+        if len({f.parent for f in files}) == 1:
+            return str(files[0].parent), any(is_test_weights(f) for f in files)
+    except WeightsError:
+        pass
+    folder = work / "test-weights"
+    missing = [k for k in keys if not (folder / MODEL_FILES[k]).is_file()]
+    if missing:
+        logger.log(RUN, f"no official weights found; generating seeded test weights in {folder} ({', '.join(missing)})")
+        generate(folder, seed=0, only=missing)
+    return str(folder), True
+
+
+def engines(image: Path, flags: list[str], threads: int, models: str, work: Path,
+            python: str) -> tuple[list[Engine], dict[str, str]]:
+    """The engines that can run here, and a reason for each one that cannot."""
+    out: list[Engine] = []
+    skipped: dict[str, str] = {}
+    base = ["--i", str(image), "--threads", str(threads), "--models", models, *flags]
+
+    def cli(name: str, extra: list[str]) -> Engine:
+        folder = work / "runs" / name
+        return Engine(name, [python, "-m", "synthseg_native", *base, "--o", str(folder / "seg.nii.gz"),
+                             "--vol", str(folder / "vol.csv"), *extra], {}, folder)
+
+    out.append(cli("native", []))
+    home = os.environ.get("SYNTHSEG_HOME")
+    if not home:
+        skipped["reference"] = "SYNTHSEG_HOME is not set (an upstream SynthSeg checkout runs the reference engine)"
+    else:
+        try:
+            find_synthseg_home(home)
+            out.append(cli("reference", ["--engine", "upstream"]))
+        except UpstreamError as exc:
+            skipped["reference"] = str(exc)
+    why = docker_unavailable()
+    if why:
+        skipped["baseline"] = why
+    else:
+        folder = work / "runs" / "baseline"
+        out.append(Engine("baseline", ["bash", str(PROJECT / "scripts" / "40_synthseg_docker.sh"), str(image),
+                                       str(folder) + "/"],
+                          {"THREADS": str(threads), "SYNTHSEG_FLAGS": " ".join(flags)}, folder))
+    return out, skipped
+
+
+def docker_unavailable() -> str | None:
+    if shutil.which("docker") is None:
+        return "docker is not installed"
+    try:
+        proc = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"docker info failed: {exc}"
+    if proc.returncode != 0:
+        first = (proc.stderr.strip().splitlines() or ["no daemon"])[-1]
+        return f"the Docker daemon is not reachable ({first})"
+    return None
+
+
+def shell_command(engine: Engine, python: str, record: Path) -> str:
+    env = [f"{k}={v}" for k, v in engine.env.items()]
+    argv = [python, "-m", "synthseg_native.tools.bench", "rss", "--record", str(record), "--",
+            *(["env", *env] if env else []), *engine.argv]
+    return shlex.join(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# measurements
+
+
+def run_hyperfine(cmds: list[tuple[str, str]], runs: int, warmup: int, work: Path, res: Path) -> dict:
+    argv = ["hyperfine", "--runs", str(runs), "--warmup", str(warmup), "--style", "basic",
+            "--export-json", str(res / "hyperfine.json"), "--export-markdown", str(res / "hyperfine.md"),
+            "--prepare", shlex.join(["rm", "-rf", str(work / "runs")])]
+    for name, cmd in cmds:
+        argv += ["--command-name", name, cmd]
+    logger.log(RUN, f"hyperfine: {len(cmds)} command(s) x ({warmup} warm-up + {runs} timed run(s))")
+    proc = subprocess.run(argv, text=True, stdout=sys.stdout, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["hyperfine failed"])[-1]
+        raise BenchError(f"hyperfine failed: {last} (run the command alone to see its error)")
+    return json.loads((res / "hyperfine.json").read_text())
+
+
+def profile_native(engine: Engine, work: Path) -> dict:
+    """One extra native run with --profile: seconds and peak memory per stage, network GFLOP/s."""
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    logger.log(RUN, "native engine once more with --profile (stage breakdown)")
+    proc = subprocess.run([*engine.argv, "--profile"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"the profiled native run failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return parse_profile(proc.stdout)
+
+
+def parse_profile(text: str) -> dict:
+    stages = {m[1]: {"seconds": float(m[2]), "peak_rss_gb": float(m[3])} for m in PROFILE_LINE.finditer(text)}
+    out: dict = {"stages": stages}
+    if m := THROUGHPUT_LINE.search(text):
+        out["network_gflop"], out["network_gflops"] = float(m[1]), float(m[2])
+    if m := SHAPE_LINE.search(text):
+        out["network_input"] = m[1]
+    return out
+
+
+def run_roofline(python: str, threads: int, res: Path, size: float, repeats: int) -> dict:
+    logger.log(RUN, "conv3d roofline (make roofline)")
+    out = res / "roofline.json"
+    proc = subprocess.run([python, "-m", "synthseg_native.tools.roofline", "--threads", str(threads), "--out", str(out),
+                           "--size", str(size), "--repeats", str(repeats)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"roofline failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(out.read_text())
+
+
+def machine_facts(python: str) -> dict:
+    """CPU, cores, memory, OS and TensorFlow as the benchmarked interpreter sees them."""
+    code = ("import json; from synthseg_native.engine.backends.tf.devices import prepare_tensorflow, onednn_enabled, "
+            "network_device;"
+            "prepare_tensorflow(); import tensorflow as tf;"
+            "print(json.dumps({'tensorflow': tf.__version__, 'network_device': network_device(),"
+            "'onednn': onednn_enabled()}))")
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    tf_facts = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+    flags = sorted(machine.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})
+    return {"cpu": machine.cpu_model(), "cores": os.cpu_count(),
+            "memory_gb": round((machine.physical_memory() or 0) / 1e9, 1),
+            "os": platform.platform(), "python": platform.python_version(), "cpu_flags": flags, **tf_facts}
+
+
+def read_rss(record: Path) -> list[int]:
+    if not record.is_file():
+        return []
+    return [json.loads(line)["peak_rss_kb"] for line in record.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+
+def summarise(hf: dict, rss: dict[str, list[int]]) -> list[dict]:
+    rows = []
+    means = {r["command"]: r["mean"] for r in hf["results"]}
+    for r in hf["results"]:
+        name = r["command"]
+        row = {"engine": name, "mean_s": r["mean"], "stddev_s": r.get("stddev") or 0.0, "min_s": r["min"],
+               "max_s": r["max"], "runs": len(r.get("times", [])),
+               "peak_rss_kb": max(rss.get(name) or [0]) or None}
+        for other in ("reference", "baseline"):
+            if other in means and other != name:
+                row[f"speedup_vs_{other}"] = means[other] / r["mean"]
+        rows.append(row)
+    return rows
+
+
+def summary_markdown(rows: list[dict], skipped: dict[str, str], facts: dict, profile: dict, roof: dict | None,
+                     setup: dict) -> str:
+    def fmt_speed(row: dict, other: str) -> str:
+        v = row.get(f"speedup_vs_{other}")
+        return f"{v:.2f}×" if v else "—"
+
+    lines = [f"# SynthSeg benchmark {setup['date']} on {facts.get('cpu', '?')}", ""]
+    lines += [f"Input `{setup['input']}`, flags `{' '.join(setup['flags']) or '(none)'}`, {setup['threads']} "
+              f"thread(s), {setup['runs']} timed run(s) after {setup['warmup']} warm-up, each run into an emptied "
+              "output folder.", ""]
+    if setup["test_weights"]:
+        lines += ["**Weights: seeded random test weights** (`synthseg_native.testweights`). Run time does not "
+                  "depend on the weight values; the segmentations are anatomically meaningless.", ""]
+    lines += ["| engine | mean ± sd (s) | min (s) | max (s) | speed-up vs reference | speed-up vs baseline | "
+              "peak RSS |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rss = f"{r['peak_rss_kb'] / 1024 ** 2:.2f} GiB" if r["peak_rss_kb"] else "n/a"
+        lines.append(f"| {r['engine']} | {r['mean_s']:.2f} ± {r['stddev_s']:.2f} | {r['min_s']:.2f} | "
+                     f"{r['max_s']:.2f} | {fmt_speed(r, 'reference')} | {fmt_speed(r, 'baseline')} | {rss} |")
+    for name, why in skipped.items():
+        lines.append(f"| {name} | skipped: {why} | | | | | |")
+    lines += ["", "Peak RSS: the largest process of each run (`getrusage` of the run's children), maximum over all "
+              "runs. For the Docker baseline this is the docker client, not the container.", ""]
+    if profile.get("stages"):
+        lines += ["## Native stage breakdown (one extra run with `--profile`)", "",
+                  "| stage | seconds | peak RSS so far |", "|---|---|---|"]
+        for stage, v in profile["stages"].items():
+            lines.append(f"| {stage} | {v['seconds']:.2f} | {v['peak_rss_gb']:.2f} GB |")
+        lines.append("")
+    if "network_gflops" in profile:
+        lines.append(f"Network: {profile['network_gflop']:.0f} GFLOP of convolutions at the padded input "
+                     f"{profile.get('network_input', '?')} (all passes), {profile['network_gflops']:.1f} GFLOP/s.")
+        if roof and roof.get("best_gflops", {}).get("float32"):
+            best = roof["best_gflops"]["float32"]
+            lines.append(f"The machine's best fp32 conv3d throughput with this TensorFlow build is {best:.1f} "
+                         f"GFLOP/s (`make roofline`): the network reached {profile['network_gflops'] / best:.0%} "
+                         "of it.")
+        lines.append("")
+    if roof:
+        lines += ["## Conv3D roofline", "", "| precision | best GFLOP/s |", "|---|---|"]
+        for dtype, v in roof["best_gflops"].items():
+            lines.append(f"| {dtype} | {v:.1f} |")
+        for dtype, why in roof.get("unsupported", {}).items():
+            lines.append(f"| {dtype} | not measured: {why} |")
+        lines.append("")
+    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in facts.items()] + [""]
+    lines += ["## Commands", "", "```"] + [f"{n}: {c}" for n, c in setup["commands"]] + ["```", ""]
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], profile: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if profile.get("stages") else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6))
+    names = [r["engine"] for r in rows]
+    axes[0].bar(names, [r["mean_s"] for r in rows], yerr=[r["stddev_s"] for r in rows], capsize=4,
+                color="#4878a8")
+    axes[0].set_ylabel("wall time (s)")
+    axes[0].set_title("mean ± sd")
+    axes[1].bar(names, [(r["peak_rss_kb"] or 0) / 1024 ** 2 for r in rows], color="#c06040")
+    axes[1].set_ylabel("peak RSS (GiB)")
+    axes[1].set_title("memory")
+    if panels == 3:
+        stages = profile["stages"]
+        left = 0.0
+        for stage, v in stages.items():
+            axes[2].barh(["native"], [v["seconds"]], left=left, label=stage)
+            left += v["seconds"]
+        axes[2].set_xlabel("seconds")
+        axes[2].set_title("native stages")
+        axes[2].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="make bench", description="Time native vs reference vs Docker with hyperfine.")
+    p.add_argument("--in", dest="image", help="Input image (default: nilearn's MNI152 T1, 1 mm).")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="Threads for every engine (default: all cores).")
+    p.add_argument("--flags", default="", help="SynthSeg flags for every engine, e.g. '--parc --robust'.")
+    p.add_argument("--models", help="Weights folder (default: the usual search order, else test weights).")
+    p.add_argument("--results", help="Report folder (default: results/<date>-<host>/).")
+    p.add_argument("--work", help="Scratch folder for inputs, weights and outputs (default: results/tmp/bench).")
+    p.add_argument("--no-roofline", action="store_true", help="Skip the conv3d roofline.")
+    p.add_argument("--roofline-size", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--roofline-repeats", type=int, default=5, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rss"]:
+        return rss_main(argv[1:])
+    args = parser().parse_args(argv)
+    prepare_tensorflow()  # test weights may be generated in this process: same TensorFlow settings and quiet logs
+    try:
+        return bench(args)
+    except BenchError as exc:
+        logger.error(str(exc))
+        return 1
+
+
+def bench(args: argparse.Namespace) -> int:
+    if shutil.which("hyperfine") is None:
+        raise BenchError(f"hyperfine not found: {HYPERFINE_HINT}")
+    if args.runs < 1 or args.warmup < 0:
+        raise BenchError(f"RUNS must be >= 1 and WARMUP >= 0 (got {args.runs}, {args.warmup})")
+    python = sys.executable
+    res = Path(args.results) if args.results else default_results_dir()
+    work = Path(args.work) if args.work else PROJECT / "results" / "tmp" / "bench"
+    res.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    image = Path(args.image).resolve() if args.image else default_input(work / "input")
+    if not image.is_file() or image_extension(str(image)) is None:
+        raise BenchError(f"{image}: not an image file (.nii, .nii.gz or .mgz)")
+    flags = shlex.split(args.flags)
+    threads = args.threads or os.cpu_count() or 1
+    models, test_weights = resolve_weights(args.models, flags, work)
+    todo, skipped = engines(image, flags, threads, models, work, python)
+    for name, why in skipped.items():
+        logger.log(SKIP, f"{name}: {why}")
+    records = {e.name: work / f"rss-{e.name}.jsonl" for e in todo}
+    for record in records.values():
+        record.unlink(missing_ok=True)
+    cmds = [(e.name, shell_command(e, python, records[e.name])) for e in todo]
+    facts = machine_facts(python)
+    logger.info(f"input {image}, {threads} thread(s), weights {models}{' (TEST WEIGHTS)' if test_weights else ''}")
+    hf = run_hyperfine(cmds, args.runs, args.warmup, work, res)
+    profile = profile_native(todo[0], work)
+    roof = None if args.no_roofline else run_roofline(python, threads, res, args.roofline_size, args.roofline_repeats)
+    rows = summarise(hf, {name: read_rss(path) for name, path in records.items()})
+    setup = {"date": dt.date.today().isoformat(), "input": str(image), "flags": flags, "threads": threads,
+             "runs": args.runs, "warmup": args.warmup, "test_weights": test_weights, "weights": models,
+             "commands": cmds}
+    write_text(res / "machine.json", json.dumps(facts, indent=2) + "\n")
+    write_text(res / "profile.json", json.dumps(profile, indent=2) + "\n")
+    write_text(res / "summary.json", json.dumps({"setup": setup, "rows": rows, "skipped": skipped,
+                                                 "profile": profile}, indent=2) + "\n")
+    write_text(res / "summary.md", summary_markdown(rows, skipped, facts, profile, roof, setup))
+    chart(rows, profile, res / "chart.png")
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    logger.log(DONE, f"benchmark report in {res}/ (summary.md, hyperfine.json, chart.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
