@@ -12,7 +12,7 @@ OUT ?=
 FLAGS ?=
 THREADS ?=
 
-.PHONY: help setup test lint doctor clean demo run _need_shellcheck
+.PHONY: help setup test test-fast lint doctor clean demo run _need_shellcheck
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,13 +23,17 @@ setup: ## Build .venv for this platform (GPU=cuda on Linux; FORCE=1 rebuilds; PY
 $(STAMP): requirements-metal.txt pyproject.toml
 	@VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
 
-test: _need_shellcheck $(STAMP) ## Run pytest, ruff and shellcheck (builds the environment first if needed)
+test: _need_shellcheck $(STAMP) ## Run pytest (all of it), ruff, the import layers and shellcheck (builds the environment first if needed)
 	$(PY) -m pytest -q
-	$(VENV)/bin/ruff check synthseg_src tests
-	shellcheck $(SHELL_SCRIPTS)
+	@$(MAKE) --no-print-directory lint
 
-lint: _need_shellcheck $(STAMP) ## ruff and shellcheck only
+test-fast: _need_shellcheck $(STAMP) ## The quick part of the tests (pytest -m "not slow", a few minutes), then lint
+	$(PY) -m pytest -q -m "not slow"
+	@$(MAKE) --no-print-directory lint
+
+lint: _need_shellcheck $(STAMP) ## ruff, the import layers (lint-imports, pyproject.toml) and shellcheck
 	$(VENV)/bin/ruff check synthseg_src tests
+	$(VENV)/bin/lint-imports --no-cache
 	shellcheck $(SHELL_SCRIPTS)
 
 # make test/lint fail up front, with the fix, when shellcheck is missing (CI installs it in .ci/run).
@@ -38,10 +42,10 @@ _need_shellcheck:
 	apt-get install shellcheck, or brew install shellcheck" >&2; exit 1; }
 
 doctor: $(STAMP) ## Versions, devices, and where Conv3D/BatchNorm really run
-	@$(PY) -m synthseg_native.devices
+	@$(PY) -m synthseg_native.tools.doctor
 
 demo: $(STAMP) ## Segment nilearn's MNI152 T1 into results/demo/ (test weights if no official ones)
-	@$(PY) -m synthseg_native.demo $(if $(THREADS),--threads $(THREADS)) $(if $(FLAGS),--flags "$(FLAGS)")
+	@$(PY) -m synthseg_native.tools.demo $(if $(THREADS),--threads $(THREADS)) $(if $(FLAGS),--flags "$(FLAGS)")
 
 run: $(STAMP) ## Segment IN into OUT with upstream's FLAGS, e.g. make run IN=t1.nii.gz OUT=seg.nii.gz FLAGS="--vol v.csv"
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "[ERR] usage: make run IN=input OUT=output [FLAGS='--parc --vol v.csv']" >&2; exit 2; }

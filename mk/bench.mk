@@ -8,10 +8,10 @@ RESULTS ?=
 .PHONY: bench roofline
 
 bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS=]
-	@$(PY) -m synthseg_native.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
+	@$(PY) -m synthseg_native.tools.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
 		$(if $(THREADS),--threads "$(THREADS)") $(if $(FLAGS),--flags "$(FLAGS)") \
 		$(if $(RESULTS),--results "$(RESULTS)")
 
 roofline: $(STAMP) ## Conv3D throughput of this machine, fp32 and bf16/fp16 where supported [THREADS= RESULTS=]
-	@$(PY) -m synthseg_native.roofline $(if $(THREADS),--threads "$(THREADS)") \
+	@$(PY) -m synthseg_native.tools.roofline $(if $(THREADS),--threads "$(THREADS)") \
 		--out "$(or $(RESULTS),results/$(shell date +%F)-$(shell hostname -s 2>/dev/null || hostname))/roofline.json"

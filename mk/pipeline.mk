@@ -34,7 +34,7 @@ baseline: ## Docker pwesp/synthseg:py38 on IN=image [OUT=...] [FLAGS=...], in re
 diff: $(STAMP) ## Compare A=seg|folder B=seg|folder [POST_A= POST_B= VOL_A= VOL_B= REPORT= DIFF_FLAGS=]
 	@test -n "$(A)" -a -n "$(B)" || { echo "[ERR] usage: make diff A=seg B=seg [POST_A=.. POST_B=..] \
 		[VOL_A=.. VOL_B=..] [REPORT=file.md] [DIFF_FLAGS='--min-dice 0.99']" >&2; exit 2; }
-	@$(PY) -m synthseg_native.compare "$(A)" "$(B)" $(if $(POST_A),--post-a "$(POST_A)") \
+	@$(PY) -m synthseg_native.tools.compare "$(A)" "$(B)" $(if $(POST_A),--post-a "$(POST_A)") \
 		$(if $(POST_B),--post-b "$(POST_B)") $(if $(VOL_A),--vol-a "$(VOL_A)") $(if $(VOL_B),--vol-b "$(VOL_B)") \
 		$(if $(REPORT),--report "$(REPORT)") $(DIFF_FLAGS)
 
@@ -50,4 +50,4 @@ compare: $(STAMP) ## Native vs BASELINE=reference|docker on IN=image, posteriors
 	else \
 		POSTERIORS=1 ENGINE=upstream $(STAGE_ENV) bash scripts/40_synthseg_native.sh "$(IN)" "$$dir/reference/"; \
 	fi; \
-	$(PY) -m synthseg_native.compare "$$dir/native" "$$dir/$(BASELINE)" --report "$$dir/diff.md" $(DIFF_FLAGS)
+	$(PY) -m synthseg_native.tools.compare "$$dir/native" "$$dir/$(BASELINE)" --report "$$dir/diff.md" $(DIFF_FLAGS)

@@ -16,7 +16,7 @@
 # (also write <OUT without extension>_posteriors.nii.gz), PYTHON (default: the project's .venv, or $VENV),
 # ENV_FILE (default: .env at the project root).
 #
-# The cache lives in Python (synthseg_native.provenance): a run is skipped only when the outputs and
+# The cache lives in Python (synthseg_native.batch.provenance): a run is skipped only when the outputs and
 # their provenance sidecar match the input, flags, weights and toolkit. Docs: docs/pipeline.md.
 set -euo pipefail
 
@@ -121,7 +121,7 @@ main() {
   local -a check=(check)
   [[ "${FORCE:-0}" != 1 ]] || check+=(--force)
   local status=0
-  "${python}" -m synthseg_native.provenance "${check[@]}" -- "${args[@]}" || status=$?
+  "${python}" -m synthseg_native.batch.provenance "${check[@]}" -- "${args[@]}" || status=$?
   case "${status}" in
     0) return 0 ;;  # up to date; provenance printed the [SKIP] line
     3) ;;
@@ -131,7 +131,7 @@ main() {
   log_run "SynthSeg step 40 (${engine} engine): ${STAGE40_IN}"
   local start="${SECONDS}"
   "${python}" -m synthseg_native "${args[@]}" || die "SynthSeg failed (exit $?) on ${STAGE40_IN}"
-  "${python}" -m synthseg_native.provenance write -- "${args[@]}" \
+  "${python}" -m synthseg_native.batch.provenance write -- "${args[@]}" \
     || die "could not record provenance for ${STAGE40_SEG}"
   log_done "${STAGE40_SEG} and ${STAGE40_VOL} in $((SECONDS - start)) s"
 }

@@ -9,7 +9,7 @@
 # DRY_RUN=1 (print the plan, install nothing), SETUP_UNAME_S / SETUP_UNAME_M (simulate a platform).
 # The environment is stamped with a hash of requirements-metal.txt, pyproject.toml, the platform and
 # the Python version: a second run with the same inputs only reports. Which packages a platform gets
-# is decided by the markers in requirements-metal.txt (see synthseg_native/platforms.py).
+# is decided by the markers in requirements-metal.txt (see synthseg_native/tools/platforms.py).
 set -euo pipefail
 
 # shellcheck source=scripts/_common.sh
@@ -148,7 +148,7 @@ if [[ "${DRY}" == "1" ]]; then
     "${python_bin}" "${py_version:-?}" "${venv}" "${action}"
   printf 'PLAN install %s\n' "${packages[*]}"
   if [[ -n "${py_version}" ]]; then
-    PYTHONPATH="${PROJECT_ROOT}/synthseg_src" "${python_bin}" -m synthseg_native.platforms "${REQUIREMENTS}" \
+    PYTHONPATH="${PROJECT_ROOT}/synthseg_src" "${python_bin}" -m synthseg_native.tools.platforms "${REQUIREMENTS}" \
       "${platform}" --python "${py_version}" ${gpu:+--gpu "${gpu}"}
   fi
   exit 0
@@ -185,4 +185,4 @@ if ! command -v shellcheck >/dev/null 2>&1; then
 fi
 
 log_info "device report (make doctor):"
-"${venv}/bin/python" -m synthseg_native.devices
+"${venv}/bin/python" -m synthseg_native.tools.doctor

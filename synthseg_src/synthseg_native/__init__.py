@@ -20,15 +20,15 @@ from .version import __version__
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from .api import ImageResult, Result, ScanReport, Segmenter, segment
-    from .errors import (InputError, MemoryShortage, OutputError, SynthSegError, UpstreamError, UsageError,
-                         WeightsError)
+    from .errors import InputError, MemoryShortage, OutputError, SynthSegError, UpstreamError, UsageError, WeightsError
 
 _LAZY = {
     "segment": "api", "Segmenter": "api", "Result": "api", "ImageResult": "api", "ScanReport": "api",
     "SynthSegError": "errors", "UsageError": "errors", "InputError": "errors", "OutputError": "errors",
     "WeightsError": "errors", "MemoryShortage": "errors", "UpstreamError": "errors",
 }
-__all__ = ["__version__", *_LAZY]
+__all__ = ["ImageResult", "InputError", "MemoryShortage", "OutputError", "Result", "ScanReport", "Segmenter",
+           "SynthSegError", "UpstreamError", "UsageError", "WeightsError", "__version__", "segment"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,8 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable
-from typing import IO, ContextManager
+from contextlib import AbstractContextManager
+from typing import IO
 
 PACKAGE = "synthseg_native"
 RUN, SKIP, DONE = logging.INFO + 1, logging.INFO + 2, logging.INFO + 3
@@ -28,7 +29,7 @@ for _level, _tag in ((RUN, "RUN"), (SKIP, "SKIP"), (DONE, "DONE")):
     logging.addLevelName(_level, _tag)
 
 # Set while a progress bar is on screen (batch.progress): a context that clears the bar around a line.
-_pause: list[Callable[[IO[str]], ContextManager[None]]] = []
+_pause: list[Callable[[IO[str]], AbstractContextManager[None]]] = []
 
 
 def printable(text: str) -> str:
@@ -79,13 +80,13 @@ def use_logging_config() -> None:
     logger.propagate = True
 
 
-def pause_with(around: Callable[[IO[str]], ContextManager[None]]) -> None:
+def pause_with(around: Callable[[IO[str]], AbstractContextManager[None]]) -> None:
     """From now on print every line inside ``around(stream)`` (a progress bar steps aside), until
     :func:`stop_pausing`."""
     _pause.append(around)
 
 
-def stop_pausing(around: Callable[[IO[str]], ContextManager[None]]) -> None:
+def stop_pausing(around: Callable[[IO[str]], AbstractContextManager[None]]) -> None:
     if around in _pause:
         _pause.remove(around)
 

@@ -13,8 +13,8 @@ this module decides *which* scans a batch segments and what it leaves behind bes
 
 The Snakemake workflow runs these before and after its shards::
 
-    python -m synthseg_native.batch.cohort count -- ENGINE_ARGS...             # checks the arguments, prints the count
-    python -m synthseg_native.batch.cohort finish --shards N -- ENGINE_ARGS... # merges the shard tables, rebuilds the page
+    python -m synthseg_native.batch.cohort count -- ENGINE_ARGS...              # checks the arguments, counts scans
+    python -m synthseg_native.batch.cohort finish --shards N -- ENGINE_ARGS...  # merges the tables, rebuilds the page
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from dataclasses import replace
 import numpy as np
 
 from ..config import Options
-from ..config.parser import build_parser, parse
+from ..config.parser import parse
 from ..engine import labels as L
 from ..errors import UsageError, WeightsError
+from ..io.atomic import StagedOutputs, write_text
 from ..log import SKIP
 from . import provenance as P
 from . import snapshots
@@ -74,9 +75,7 @@ class OrderedTable(V.CsvTable):
         self.rows = self._with(row)
         self.flush()
 
-    def stage(self, row: list[str], stage) -> None:
-        from .io import write_text
-
+    def stage(self, row: list[str], stage: StagedOutputs) -> None:
         write_text(self.path, V.render(self.header, self._with(row), self.shared), stage=stage)
 
     def committed(self, row: list[str]) -> None:

@@ -2,7 +2,7 @@
 
 A bar is only useful to a person watching; in a log file (Snakemake, SLURM, CI) its carriage returns
 are noise, so off a terminal the same information comes as one line per finished scan. While a bar
-is drawn, every log line passes above it instead of through it (``log.pausing``).
+is drawn, every log line passes above it instead of through it (``log.pause_with``).
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, ContextManager
+from contextlib import AbstractContextManager
+from typing import IO
 
-from .. import log
+from ..log import pause_with, stop_pausing
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def fmt_seconds(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def _above_bar(stream: IO[str]) -> ContextManager[None]:
+def _above_bar(stream: IO[str]) -> AbstractContextManager[None]:
     """Clear the bar while a log line is printed to ``stream`` and redraw it after."""
     from tqdm import tqdm
 
@@ -49,7 +50,7 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="scan", file=stream, dynamic_ncols=True, desc="SynthSeg",
                             bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ETA {remaining}")
-            log.pause_with(_above_bar)
+            pause_with(_above_bar)
 
     def eta(self) -> float | None:
         """Seconds left, or None before the first scan has finished."""
@@ -73,5 +74,5 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-            log.stop_pausing(_above_bar)
+            stop_pausing(_above_bar)
             self.bar = None

@@ -29,8 +29,8 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from ..io import colours
-from ..io.images import library_messages
 from ..io.atomic import atomic_write, write_text
+from ..io.images import library_messages
 
 KIND = "synthseg-native snapshot"
 ALPHA = 0.45  # label colour weight: structures stay readable and the anatomy below stays visible

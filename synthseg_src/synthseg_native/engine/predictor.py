@@ -8,36 +8,16 @@ run needs it, so ``import synthseg_native`` and ``--help`` never start TensorFlo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from ..config import Options
 from . import labels as L
-from . import machine, tiling
+from . import tiling
+from .runtime import Runtime, Timings
 
-
-@dataclass
-class Timings:
-    """Seconds per stage, and the process's peak memory when each stage last ended (--profile)."""
-
-    stages: dict[str, float] = field(default_factory=dict)
-    peak_gb: dict[str, float] = field(default_factory=dict)
-    network_flop: int = 0
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
-        self.peak_gb[stage] = machine.peak_rss() / 1e9
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """How the backend runs in this process: threads in effect, the device's name, the precision granted."""
-
-    threads: int
-    device: str
-    precision: str
+__all__ = ["Predictor", "Runtime", "Timings", "load", "prepare", "start"]
 
 
 class Predictor(Protocol):

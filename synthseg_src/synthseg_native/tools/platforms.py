@@ -56,7 +56,8 @@ def requirements_for(path: Path | str, platform: str, python: str | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m synthseg_native.tools.platforms", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m synthseg_native.tools.platforms",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("requirements")
     parser.add_argument("platform", choices=sorted(MARKER_ENV))
     parser.add_argument("--gpu", choices=["cuda"], default=None)

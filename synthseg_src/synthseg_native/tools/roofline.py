@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_tensorflow()
     report = run(args.threads, args.repeats, args.size)
     for dtype, gflops in report["best_gflops"].items():
-        logger.log(DONE, f"best conv3d {dtype}: {gflops:.1f} GFLOP/s on {report['device']}, {report['threads']} thread(s)")
+        logger.log(DONE, f"best conv3d {dtype}: {gflops:.1f} GFLOP/s on {report['device']}, "
+                         f"{report['threads']} thread(s)")
     for dtype, why in report["unsupported"].items():
         logger.log(SKIP, f"{dtype}: {why}")
     if args.out:

@@ -21,7 +21,7 @@ from ....config import Options
 from ....errors import WeightsError
 from ... import heads, tiling
 from ... import labels as L
-from ...predictor import Runtime, Timings
+from ...runtime import Runtime, Timings
 from ...weights import MODEL_FILES, file_sha256, find_weights, is_test_weights, read_weights
 from . import devices, network
 from .flops import conv_flops

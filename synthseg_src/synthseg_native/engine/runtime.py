@@ -1,0 +1,29 @@
+"""What a backend reports about a run: its settings (:class:`Runtime`) and where the time went (:class:`Timings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import machine
+
+
+@dataclass
+class Timings:
+    """Seconds per stage, and the process's peak memory when each stage last ended (--profile)."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+    peak_gb: dict[str, float] = field(default_factory=dict)
+    network_flop: int = 0
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+        self.peak_gb[stage] = machine.peak_rss() / 1e9
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the backend runs in this process: threads in effect, the device's name, the precision granted."""
+
+    threads: int
+    device: str
+    precision: str
