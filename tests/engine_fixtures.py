@@ -34,8 +34,8 @@ class WeightStore:
         self.folder = folder
 
     def need(self, *keys: str) -> Path:
-        from synthseg_native.testweights import generate
-        from synthseg_native.weights import MODEL_FILES
+        from synthseg_native.engine.weights import MODEL_FILES
+        from synthseg_native.tools.testweights import generate
 
         missing = [k for k in keys if not (self.folder / MODEL_FILES[k]).is_file()]
         if missing:

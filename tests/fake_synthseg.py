@@ -25,7 +25,7 @@ FAKE_PREDICT = textwrap.dedent('''
     def predict(**kwargs):
         np.zeros(1, dtype=np.int)  # AttributeError on NumPy >= 1.24 unless the alias shim is active
         import tensorflow as tf
-        from synthseg_native import patches
+        from synthseg_native.engine.backends.tf import patches
         record = dict(kwargs, _bn_patch=patches.bn_patch_active(), _module=__file__,
                       _threads=[tf.config.threading.get_inter_op_parallelism_threads(),
                                 tf.config.threading.get_intra_op_parallelism_threads()],

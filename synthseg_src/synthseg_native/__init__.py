@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import log as _log  # noqa: F401  (installs the [TAG] line handler of the package's logger)
 from .version import __version__
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand

@@ -42,7 +42,7 @@ from .plan import Plan
 from .progress import Progress, fmt_seconds
 from .shards import make_plan, shard_csv, unshard_csv
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
 
 def read_rows(path: str | None, header: list[str]) -> dict[str, list[str]]:

@@ -41,7 +41,7 @@ from ..log import SKIP
 from ..reference.upstream import PREDICT_FILE, find_synthseg_home
 from ..version import __version__
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 SIDECAR_SUFFIX = ".provenance.json"

@@ -40,7 +40,7 @@ from ..log import DONE, RUN, SKIP
 from ..reference.upstream import find_synthseg_home
 from .testweights import generate
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
 
 def project_root() -> Path:

@@ -31,7 +31,7 @@ from ..engine import labels as L
 from ..io.atomic import image_extension, write_text
 from ..log import DONE
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
 AFFINE_ATOL = 1e-4  # mm; headers store float32, so equal grids agree far better than this
 RESULTS_DIR = Path("results") / "diff"

@@ -22,7 +22,7 @@ from ..errors import WeightsError
 from ..log import DONE, RUN
 from .testweights import generate
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
 BANNER = """
 ==========================================================================================

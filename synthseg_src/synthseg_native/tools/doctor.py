@@ -7,7 +7,7 @@ import sys
 
 from ..engine.backends.tf.devices import prepare_tensorflow, report
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from ..engine.machine import cpu_has_bf16
 from ..io.atomic import write_text
 from ..log import DONE, SKIP
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
 # (name, spatial edge at full size, C_in, C_out): the U-Net's dominant convolutions, by level.
 CASES = [

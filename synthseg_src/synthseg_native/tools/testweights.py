@@ -25,7 +25,7 @@ from ..engine.preprocess import rescale
 from ..engine.weights import MODEL_FILES, write_weights
 from ..log import DONE
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
 # Left-hemisphere labels that pseudo-segmentation cells cycle through (their right twins mirror them).
 _SIDED_2 = [2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 17, 18, 26, 28]

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from synthseg_native import network
-from synthseg_native.weights import WeightsError, assign, find_weights, is_test_weights, read_weights, write_weights
+from synthseg_native.engine.backends.tf import network
+from synthseg_native.engine.backends.tf.predictor import assign
+from synthseg_native.engine.weights import find_weights, is_test_weights, read_weights, write_weights
+from synthseg_native.errors import WeightsError
 
 
 def tiny_model() -> tf.keras.Model:

@@ -17,9 +17,9 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from synthseg_native import platforms
+from synthseg_native.tools import platforms
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "scripts" / "setup_tf_metal_env.sh"
 KNOBS = ("GPU", "FORCE", "PYTHON", "DRY_RUN", "VENV", "SETUP_UNAME_S", "SETUP_UNAME_M")
 
@@ -170,7 +170,7 @@ if [[ "$1" == -m ]]; then
   case "$2" in
     venv) mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && touch "$3/pyvenv.cfg"; echo venv >> "{log}"; exit 0 ;;
     pip) echo "pip ${{*:3}}" >> "{log}"; exit 0 ;;
-    synthseg_native.devices) echo "[INFO] doctor: Conv3D -> device:CPU:0"; echo doctor >> "{log}"; exit 0 ;;
+    synthseg_native.tools.doctor) echo "[INFO] doctor: Conv3D -> device:CPU:0"; echo doctor >> "{log}"; exit 0 ;;
   esac
 fi
 exec "{sys.executable}" "$@"

@@ -23,14 +23,16 @@ import numpy as np
 import pytest
 
 from engine_fixtures import crop_img
-from synthseg_native import memory
 from synthseg_native.cli import main
-from synthseg_native.io import load_image, peek_image, stale_temps
-from synthseg_native.locking import LockedError, OutputLock, lock_path
-from synthseg_native.preprocess import preprocess
-from synthseg_native.weights import MODEL_FILES, read_weights, write_weights
+from synthseg_native.engine import memory
+from synthseg_native.engine.preprocess import preprocess
+from synthseg_native.engine.weights import MODEL_FILES, read_weights, write_weights
+from synthseg_native.errors import LockedError
+from synthseg_native.io.atomic import stale_temps
+from synthseg_native.io.images import load_image, peek_image
+from synthseg_native.io.locking import OutputLock, lock_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["--crop", "32", "--fast", "--threads", "2"]
 
 
@@ -452,8 +454,8 @@ def test_interrupt_while_writing_removes_the_staged_files(models, t1, tmp_path, 
 def test_signal_at_the_worst_moment_leaves_nothing(models, t1, tmp_path, monkeypatch, capsys, where):
     """A SIGTERM delivered inside the few system calls that create a lock file or a temporary (found as a
     flaky leftover lock file) is held back until they are recorded for clean-up, then cleans up."""
-    from synthseg_native import io as sio
-    from synthseg_native import locking
+    from synthseg_native.io import atomic as sio
+    from synthseg_native.io import locking
 
     def kill_then(real):
         def wrapper(*args, **kwargs):
@@ -475,7 +477,7 @@ def test_signal_at_the_worst_moment_leaves_nothing(models, t1, tmp_path, monkeyp
 
 
 def test_deferred_signals_hold_a_signal_until_the_block_ends():
-    from synthseg_native.io import deferred_signals
+    from synthseg_native.io.atomic import deferred_signals
 
     seen: list[str] = []
 
@@ -531,7 +533,7 @@ def test_sigkill_while_writing_leaves_no_trusted_output(models, t1, tmp_path):
     assert not seg.exists() and stale_temps(seg) == [tmp] and lock_path(seg).exists()
     # the stage's cache does not trust it ...
     args = ["--i", str(src), "--o", str(seg), "--models", str(models), *QUICK]
-    check = subprocess.run([sys.executable, "-m", "synthseg_native.provenance", "check", "--", *args],
+    check = subprocess.run([sys.executable, "-m", "synthseg_native.batch.provenance", "check", "--", *args],
                            capture_output=True, text=True, check=False,
                            env={**os.environ, "PYTHONPATH": str(ROOT / "synthseg_src")})
     assert check.returncode == 3, check.stderr
@@ -630,7 +632,7 @@ def test_cgroup_limits_of_containers_and_batch_jobs_are_read(tmp_path, proc, fil
 
 
 def test_out_of_memory_in_the_network_suggests_crop(models, t1, tmp_path, capsys, monkeypatch):
-    from synthseg_native import runner
+    from synthseg_native.batch import runner
 
     def no_memory(self, image):
         raise MemoryError("Unable to allocate 12.0 GiB for an array")

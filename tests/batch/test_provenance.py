@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from synthseg_native import provenance as P
+from synthseg_native.batch import provenance as P
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 from engine_fixtures import crop_img
 from fake_synthseg import make_checkout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "scripts" / "40_synthseg_native.sh"
 KNOBS = ("DATA_ROOT", "SID", "THREADS", "SYNTHSEG_FLAGS", "SYNTHSEG_MODELS", "DEVICE", "ENGINE",
          "SYNTHSEG_HOME", "FORCE", "POSTERIORS", "ENV_FILE", "PYTHON", "VENV", "FAKE_WRITE", "FAKE_RECORD")

@@ -10,10 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthseg_native import bids, colours
-from synthseg_native import labels as L
+from synthseg_native.batch import bids
 from synthseg_native.cli import main
-from synthseg_native.outputs import UsageError
+from synthseg_native.engine import labels as L
+from synthseg_native.errors import UsageError
+from synthseg_native.io import colours
 
 
 def fake_bids(root: Path, scans: dict[str, Path | None]) -> Path:

@@ -20,7 +20,8 @@ import tensorflow as tf
 
 from engine_fixtures import ROOT
 from fake_synthseg import make_checkout
-from synthseg_native import bench, flops, network
+from synthseg_native.engine.backends.tf import flops, network
+from synthseg_native.tools import bench
 
 KL = tf.keras.layers
 
@@ -73,7 +74,7 @@ def test_bench_end_to_end(tmp_path, tiny, weights):
     res = tmp_path / "report"
     env = dict(os.environ, SYNTHSEG_HOME=str(home), FAKE_RECORD=str(tmp_path / "fake.json"), FAKE_WRITE="1",
                PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run([sys.executable, "-m", "synthseg_native.bench", "--in", str(tiny), "--runs", "1",
+    proc = subprocess.run([sys.executable, "-m", "synthseg_native.tools.bench", "--in", str(tiny), "--runs", "1",
                            "--warmup", "0", "--threads", "1", "--models", str(models), "--results", str(res),
                            "--work", str(tmp_path / "work"), "--roofline-size", "0.12", "--roofline-repeats", "1"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 
-from synthseg_native import cohort, network
+from synthseg_native.batch import cohort, shards
+from synthseg_native.config import parse_shard
+from synthseg_native.batch.plan import plan_outputs, scan_names
+from synthseg_native.batch.progress import Progress, fmt_seconds
 from synthseg_native.cli import main
-from synthseg_native.outputs import UsageError, plan_outputs, scan_names
-from synthseg_native.progress import Progress, fmt_seconds
+from synthseg_native.engine.backends.tf import network
+from synthseg_native.errors import UsageError
 
 CROP = ["--crop", "64"]
 
@@ -65,11 +69,11 @@ def rows(path) -> list[list[str]]:
 @pytest.mark.parametrize("count", [0, 1, 3, 7, 10])
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 11])
 def test_shards_partition_the_list_exactly(count, n):
-    parts = [cohort.shard_indices(count, i, n) for i in range(1, n + 1)]
+    parts = [shards.shard_indices(count, i, n) for i in range(1, n + 1)]
     flat = [k for part in parts for k in part]
     assert sorted(flat) == list(range(count)) and len(flat) == len(set(flat))  # every scan once
     assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
-    assert parts == [cohort.shard_indices(count, i, n) for i in range(1, n + 1)]  # deterministic
+    assert parts == [shards.shard_indices(count, i, n) for i in range(1, n + 1)]  # deterministic
 
 
 def test_shard_plans_split_a_folder_and_its_tables(tmp_path):
@@ -77,20 +81,20 @@ def test_shard_plans_split_a_folder_and_its_tables(tmp_path):
         (tmp_path / "in").mkdir(exist_ok=True)
         (tmp_path / "in" / name).write_bytes(b"")
     plan = plan_outputs(str(tmp_path / "in"), str(tmp_path / "out"), vol=str(tmp_path / "v.csv"))
-    shards = [cohort.shard_plan(plan, i, 2) for i in (1, 2)]
-    assert sorted(shards[0].images + shards[1].images) == plan.images
-    assert not set(shards[0].images) & set(shards[1].images)
-    assert shards[0].vol == [str(tmp_path / "v.shard-1-of-2.csv")] * 3
-    assert shards[1].vol == [str(tmp_path / "v.shard-2-of-2.csv")] * 2
-    assert cohort.unshard_csv(shards[1].vol[0]) == str(tmp_path / "v.csv")
-    assert shards[1].names == [plan.names[1], plan.names[3]] and shards[1].shard == (2, 2)
-    assert cohort.shard_plan(plan, 1, 1).vol == plan.vol  # one shard: the table itself
+    parts = [shards.shard_plan(plan, i, 2) for i in (1, 2)]
+    assert sorted(parts[0].images + parts[1].images) == plan.images
+    assert not set(parts[0].images) & set(parts[1].images)
+    assert parts[0].vol == [str(tmp_path / "v.shard-1-of-2.csv")] * 3
+    assert parts[1].vol == [str(tmp_path / "v.shard-2-of-2.csv")] * 2
+    assert shards.unshard_csv(parts[1].vol[0]) == str(tmp_path / "v.csv")
+    assert parts[1].names == [plan.names[1], plan.names[3]] and parts[1].shard == (2, 2)
+    assert shards.shard_plan(plan, 1, 1).vol == plan.vol  # one shard: the table itself
 
 
 @pytest.mark.parametrize("text", ["0/2", "3/2", "1/0", "a/b", "2", ""])
 def test_bad_shard_is_a_usage_error(text, inputs, tmp_path, capsys):
     with pytest.raises(UsageError):
-        cohort.parse_shard(text)
+        parse_shard(text)
     if text:
         assert main(["--i", str(inputs["ras"]), "--o", str(tmp_path / "s.nii.gz"), "--shard", text]) == 2
         assert "--shard" in capsys.readouterr().err
@@ -191,24 +195,26 @@ def test_sharded_batch_equals_one_batch(weights, folder, tmp_path, capsys):
 
 # -- progress -----------------------------------------------------------------------------------------------
 
-def test_progress_lines_with_eta_off_a_terminal():
-    lines: list[tuple[str, str]] = []
-    p = Progress(3, lambda tag, msg: lines.append((tag, msg)), stream=io.StringIO())
+def test_progress_lines_with_eta_off_a_terminal(capsys):
+    p = Progress(3, stream=io.StringIO())
     assert p.bar is None and p.eta() is None
     p.update(True)
     p.update(False)
     p.close()
-    assert [t for t, _ in lines] == ["INFO", "INFO"]
-    assert lines[0][1].startswith("progress 1/3 (33 %)") and "ETA" in lines[0][1]
-    assert lines[1][1].startswith("progress 2/3 (66 %)") and p.failed == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("[INFO] ") for line in lines)
+    assert lines[0].startswith("[INFO] progress 1/3 (33 %)") and "ETA" in lines[0]
+    assert lines[1].startswith("[INFO] progress 2/3 (66 %)") and p.failed == 1
 
 
-def test_progress_bar_on_a_terminal():
+def test_progress_bar_on_a_terminal(capsys):
     stream = io.StringIO()
-    p = Progress(2, lambda tag, msg: pytest.fail("no log lines under a bar"), stream=stream, bar=True)
+    p = Progress(2, stream=stream, bar=True)
     p.update(True)
+    logging.getLogger("synthseg_native.batch").info("a line while the bar is drawn")
     p.close()
     assert "SynthSeg 1/2" in stream.getvalue() and "ETA" in stream.getvalue()
+    assert capsys.readouterr().out == "[INFO] a line while the bar is drawn\n"  # above the bar, no progress lines
 
 
 def test_fmt_seconds():

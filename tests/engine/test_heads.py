@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from engine_fixtures import reference
-from synthseg_native import colours
-from synthseg_native import labels as L
 from synthseg_native.cli import main
-from synthseg_native.qc import make_shape
+from synthseg_native.engine import labels as L
+from synthseg_native.engine.heads import make_shape
+from synthseg_native.io import colours
 
 
 def run(*args) -> int:

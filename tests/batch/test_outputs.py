@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from synthseg_native.outputs import UsageError, plan_outputs
+from synthseg_native.batch.plan import plan_outputs
+from synthseg_native.errors import UsageError
 
 
 def touch(path):

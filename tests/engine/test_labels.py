@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine_fixtures import reference
-from synthseg_native import labels as L
+from synthseg_native.engine import labels as L
 
 TABLES = {
     "synthseg_segmentation_labels_2.0": lambda: L.raw_segmentation_labels(False),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from synthseg_native import network
-from synthseg_native.patches import graph_op_types, unfused_batchnorm
+from synthseg_native.engine.backends.tf import network
+from synthseg_native.engine.backends.tf.patches import graph_op_types, unfused_batchnorm
 
 
 def traced_ops(model) -> list[str]:
@@ -52,7 +52,7 @@ def test_fused_graph_matches_upstream_keras_model():
     """Same op sequence as upstream's own U-Net (run locally with SYNTHSEG_HOME set)."""
     import sys
 
-    from synthseg_native.patches import apply_numpy_alias_shim
+    from synthseg_native.engine.backends.tf.patches import apply_numpy_alias_shim
 
     apply_numpy_alias_shim()
     sys.path.insert(0, os.environ["SYNTHSEG_HOME"])

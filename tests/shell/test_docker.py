@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "scripts" / "40_synthseg_docker.sh"
 BASH = shutil.which("bash") or "/bin/bash"
 CMD = ["python", "/workspace/SynthSeg/scripts/commands/SynthSeg_predict.py"]

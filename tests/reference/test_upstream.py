@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from fake_synthseg import LABEL_FILES, make_checkout
-from synthseg_native.upstream import UpstreamError, UpstreamRequest, find_synthseg_home, predict_kwargs
+from synthseg_native.config import Options
+from synthseg_native.errors import UpstreamError
+from synthseg_native.reference.upstream import find_synthseg_home, predict_kwargs
 
-SRC = Path(__file__).resolve().parents[1] / "synthseg_src"
-REFERENCE_LABELS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "labels"
+SRC = Path(__file__).resolve().parents[2] / "synthseg_src"
+REFERENCE_LABELS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "labels"
 
 
 @pytest.fixture
@@ -30,8 +32,13 @@ def _run(tmp_path: Path, *args: str, env_extra: dict[str, str] | None = None) ->
     env = {k: v for k, v in os.environ.items() if k != "SYNTHSEG_HOME"}
     env.update({"PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")])),
                 "FAKE_RECORD": str(record), "TF_CPP_MIN_LOG_LEVEL": "3"}, **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "-m", "synthseg_native.upstream", *args], env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
+    (tmp_path / "in.nii.gz").touch()  # the plan checks that the input exists; the fake upstream never reads it
+    weights = tmp_path / "weights"
+    weights.mkdir(exist_ok=True)
+    for name in ("synthseg_2.0.h5", "synthseg_1.0.h5", "synthseg_robust_2.0.h5"):
+        (weights / name).touch()
+    proc = subprocess.run([sys.executable, "-m", "synthseg_native", "--engine", "upstream", *args], env=env,
+                          check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     kwargs = json.loads(record.read_text()) if record.exists() else {}
     return proc.returncode, proc.stdout + proc.stderr, kwargs
 
@@ -63,11 +70,10 @@ def test_folder_without_synthseg_names_what_is_missing(tmp_path):
 def test_env_variable_is_the_default(monkeypatch, checkout):
     monkeypatch.setenv("SYNTHSEG_HOME", str(checkout))
     assert find_synthseg_home(None) == checkout.resolve()
-    assert UpstreamRequest(i="a", o="b").synthseg_home == str(checkout)
 
 
 def test_cli_reports_unset_home_with_err_prefix(tmp_path):
-    rc, out, kwargs = _run(tmp_path, "--models", str(tmp_path), "--i", "a.nii", "--o", "b.nii")
+    rc, out, kwargs = _run(tmp_path, "--models", str(tmp_path / "weights"), "--i", "in.nii.gz", "--o", "b.nii")
     assert rc == 1 and not kwargs
     assert "[ERR] SYNTHSEG_HOME is not set" in out
     assert "Traceback" not in out
@@ -76,8 +82,8 @@ def test_cli_reports_unset_home_with_err_prefix(tmp_path):
 def test_label_files_are_upstream_names(checkout):
     """Every table the engine passes exists in a checkout laid out like upstream's."""
     for v1 in (False, True):
-        req = UpstreamRequest(i="a", o="b", models_dir="m", v1=v1)
-        tables = [v for v in predict_kwargs(req, checkout).values() if str(v).endswith(".npy")]
+        tables = [v for v in predict_kwargs(Options(i="a", o="b", v1=v1), checkout, "m").values()
+                  if str(v).endswith(".npy")]
         assert len(tables) == 8 and all(Path(t).is_file() for t in tables)
     if REFERENCE_LABELS.is_dir():
         assert sorted(LABEL_FILES) == sorted(p.name for p in REFERENCE_LABELS.glob("*.npy"))
@@ -108,7 +114,7 @@ def test_v1_switches_tables_and_neutral_labels(tmp_path, checkout):
         assert kw[key].endswith(".npy") and not kw[key].endswith("_2.0.npy"), key
     assert kw["labels_denoiser"].endswith("synthseg_denoiser_labels_2.0.npy")
     assert kw["n_neutral_labels"] == 18 and kw["v1"] is True
-    assert kw["cropping"] == [160] and kw["_cuda"] == "-1"
+    assert kw["cropping"] == [160, 160, 160] and kw["_cuda"] == "-1"  # one --crop size means three, as upstream
 
 
 def test_robust_forces_fast_and_unfused_bn_is_applied(tmp_path, checkout):
@@ -123,8 +129,8 @@ def test_robust_forces_fast_and_unfused_bn_is_applied(tmp_path, checkout):
 
 def test_robust_with_v1_is_refused(tmp_path, checkout):
     rc, out, kw = _run(tmp_path, *_base_args(checkout, tmp_path), "--robust", "--v1")
-    assert rc == 1 and not kw
-    assert "[ERR] --v1 cannot be used with --robust" in out
+    assert rc == 2 and not kw
+    assert "[ERR] --robust cannot be used with --v1" in out
 
 
 def test_upstream_exit_status_is_returned(tmp_path, checkout):

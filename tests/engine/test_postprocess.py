@@ -13,9 +13,9 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from scipy.ndimage import label as connected_components
 
-from synthseg_native import geometry
-from synthseg_native import labels as L
-from synthseg_native import postprocess as pp
+from synthseg_native.engine import geometry
+from synthseg_native.engine import labels as L
+from synthseg_native.engine import postprocess as pp
 
 
 def plain_largest(mask: np.ndarray) -> np.ndarray:

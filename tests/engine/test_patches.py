@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from synthseg_native import patches
+from synthseg_native.engine.backends.tf import patches
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from engine_fixtures import reference
-from synthseg_native import labels as L
 from synthseg_native.cli import main
+from synthseg_native.engine import labels as L
 
 CROP = ["--crop", "64"]
 

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthseg_native.compare import main
+from synthseg_native.tools.compare import main
 
 AFFINE = np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]])
 HEADER = "subject,total intracranial,left cerebral white matter,left cerebral cortex\n"

@@ -7,8 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthseg_native import devices
 from synthseg_native.cli import main
+from synthseg_native.engine import machine
+from synthseg_native.engine.backends.tf import devices
 
 CROP = ["--crop", "64"]
 
@@ -22,11 +23,11 @@ def labels_of(path) -> np.ndarray:
 
 
 def test_precision_support_rules(monkeypatch):
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512f"})
     assert devices.precision_unsupported("fp32") is None
     assert "AVX512-BF16" in devices.precision_unsupported("bf16")
     assert "float16" in devices.precision_unsupported("fp16")
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
     assert devices.precision_unsupported("bf16") is None
 
 

@@ -10,8 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthseg_native import colours, demo, snapshots
+from synthseg_native.batch import snapshots
 from synthseg_native.cli import main
+from synthseg_native.io import colours
+from synthseg_native.tools import demo
 
 
 def test_lut_is_freesurfer_colours():
@@ -128,11 +130,11 @@ def test_batch_snapshots_and_page(weights, inputs, tmp_path):
 
 def test_batch_records_qc_scores(tmp_path):
     """--qc scores reach the record as the QC CSV writes them (the QC network itself is tested elsewhere)."""
-    from synthseg_native import labels as L
-    from synthseg_native import volumes as V
-    from synthseg_native.cohort import Batch
-    from synthseg_native.outputs import plan_outputs
-    from synthseg_native.runner import Options
+    from synthseg_native.batch import tables as V
+    from synthseg_native.batch.cohort import Batch
+    from synthseg_native.batch.plan import plan_outputs
+    from synthseg_native.config import Options
+    from synthseg_native.engine import labels as L
 
     image, seg = _blob_pair(tmp_path)
     plan = plan_outputs(str(image), str(seg))
@@ -140,7 +142,7 @@ def test_batch_records_qc_scores(tmp_path):
     header = V.volume_columns(L.LabelSet.build(), parc=False)
     volumes = np.arange(len(header), dtype=float) * 1000
     scores = np.linspace(0, 1.2, 9)[None]  # background first; values above 1 are clipped like upstream's
-    Batch(opts, plan, lambda *a: None).done(0, 3.0, {"network": 2.0}, volumes, scores)
+    Batch(opts, plan).done(0, 3.0, {"network": 2.0}, volumes, scores)
     rec = json.loads((tmp_path / "qc" / f"{plan.names[0]}.json").read_text())
     assert rec["qc"] == dict(zip(V.qc_columns(L.LabelSet.build()), [0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0, 1.0]))
     assert rec["volumes"]["intracranial"] == 0.0 and rec["seconds"] == 3.0

@@ -8,7 +8,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from synthseg_native import devices
+from synthseg_native.engine.backends.tf import devices
 
 NO_GPU = not tf.config.list_physical_devices("GPU")
 
@@ -46,7 +46,7 @@ def test_network_device_is_the_cpu_here():
 
 
 def test_doctor_output():
-    r = subprocess.run([sys.executable, "-m", "synthseg_native.devices"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "synthseg_native.tools.doctor"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -64,7 +64,7 @@ def test_doctor_output():
 
 
 def test_hide_gpus_in_a_fresh_process():
-    code = ("from synthseg_native import devices; devices.hide_gpus(); import os, tensorflow as tf; "
+    code = ("from synthseg_native.engine.backends.tf import devices; devices.hide_gpus(); import os, tensorflow as tf; "
             "print(os.environ['CUDA_VISIBLE_DEVICES'], len(tf.config.get_visible_devices('GPU')), "
             "devices.network_device())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
