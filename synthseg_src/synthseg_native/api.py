@@ -34,13 +34,13 @@ from .batch.bids import is_dataset, write_dataset_files
 from .batch.plan import Plan
 from .batch.shards import make_plan
 from .config import GRID_STEP, Options, round_up
-from .config.options import IO, MODEL, RUN
+from .config.options import IO, MODEL, RUN, crop_sizes
 from .engine import predictor as engine
 from .engine.segment import memory_plan, segment_image
 from .errors import OutputError, UsageError
 from .io import colours
 from .io.atomic import write_text
-from .io.images import as_nifti, from_nibabel, image_info, save_nifti
+from .io.images import as_nifti, from_nibabel, image_info, load_image, peek_image, save_nifti
 from .reference.upstream import run_upstream
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ def segment(input: ImageInput, output: str | os.PathLike | None = None, **option
 
 def _planned(opts: Options) -> tuple[Options, Plan]:
     """Checked options and their plan of files (usage errors before anything is loaded)."""
-    given = opts.crop
     opts.check()
+    given = None if opts.crop is None else crop_sizes(opts.crop)
     opts = opts.normalised()
     if opts.engine == "upstream" and is_dataset(opts.i):
         raise UsageError("--resume, --shard, --snapshot and BIDS datasets need the native engine")
@@ -230,8 +230,6 @@ class Segmenter:
         not fit even in tiles. ``name`` is what messages and the CSV's subject column call it (default: the
         image's file name, else ``image``).
         """
-        from .io.images import load_image, peek_image
-
         if isinstance(image, (str, os.PathLike)):
             path = os.fspath(image)
             label = name or path
@@ -247,11 +245,11 @@ class Segmenter:
         prep = result.prepared
         qc = None
         if result.qc_scores is not None:
-            qc = dict(zip(V.qc_columns(self.labels), map(float, V.qc_row("", result.qc_scores)[1:])))
+            qc = V.as_dict(V.qc_columns(self.labels), V.qc_row("", result.qc_scores))
         return ImageResult(
             name=label,
             labels=as_nifti(result.labels, result.affine, result.header, dtype="int32"),
-            volumes=dict(zip(self._columns, map(float, result.volumes))),
+            volumes=V.as_dict(self._columns, V.volume_row(label, result.volumes)),
             posteriors=None if result.posteriors is None else as_nifti(result.posteriors, result.affine,
                                                                        result.header, dtype="float32"),
             qc=qc,

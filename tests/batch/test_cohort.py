@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from synthseg_native.batch import cohort, shards
-from synthseg_native.config import parse_shard
 from synthseg_native.batch.plan import plan_outputs, scan_names
 from synthseg_native.batch.progress import Progress, fmt_seconds
 from synthseg_native.cli import main
+from synthseg_native.config import parse_shard
 from synthseg_native.engine.backends.tf import network
 from synthseg_native.errors import UsageError
 

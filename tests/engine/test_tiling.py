@@ -219,10 +219,11 @@ def _prepared(path, crop: int | None = None):
 
 
 def _predictor(models, **flags):
-    from synthseg_native.batch import runner
+    from synthseg_native.config import Options
+    from synthseg_native.engine import predictor
 
-    opts = runner.Options(i="x", o="y", models=str(models), **flags)
-    return runner.Predictor(opts, runner.Timings())
+    opts = Options(i="x", o="y", models=str(models), **flags).normalised()
+    return predictor.load(opts, predictor.Timings())
 
 
 @pytest.mark.parametrize("flags", [dict(parc=True, qc="qc.csv"), dict(fast=True, parc=True), dict(robust=True)],
@@ -287,7 +288,7 @@ def test_forced_small_budget_tiles_with_one_warning_and_agrees(weights, inputs, 
                  str(models), "--threads", "2", "--max-memory", budget]) == 0
     info = _info(capsys.readouterr().err)
     assert len(info) == 1, info
-    gb = [re.escape(f"{x / 1e9:.1f} GB") for x in (need, memory.parse_size(budget), need * 0.75)]
+    gb = [re.escape(f"{x / 1e9:.1f} GB") for x in (need, parse_size(budget), need * 0.75)]
     assert re.search(rf"\[WARN\] .*mni_ras\.nii\.gz: estimated {gb[0]} for network grid 128x128x128 exceeds the memory "
                      rf"budget of {gb[1]} \(--max-memory {gb[1]}\): segmenting in 2 tiles of 128x128x96 \(1x1x2\) "
                      rf"overlapping by >= 32 voxels, estimated {gb[2]}; results can differ from upstream near tile "

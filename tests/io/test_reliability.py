@@ -632,12 +632,12 @@ def test_cgroup_limits_of_containers_and_batch_jobs_are_read(tmp_path, proc, fil
 
 
 def test_out_of_memory_in_the_network_suggests_crop(models, t1, tmp_path, capsys, monkeypatch):
-    from synthseg_native.batch import runner
+    from synthseg_native.engine.backends.tf.predictor import TFPredictor
 
     def no_memory(self, image):
         raise MemoryError("Unable to allocate 12.0 GiB for an array")
 
-    monkeypatch.setattr(runner.Predictor, "predict", no_memory)
+    monkeypatch.setattr(TFPredictor, "predict", no_memory)
     src, seg = save(t1, tmp_path / "t1.nii.gz"), tmp_path / "out" / "seg.nii.gz"
     assert main(["--i", str(src), "--o", str(seg), "--models", str(models), *QUICK]) == 1
     err = err_lines(capsys.readouterr().err)

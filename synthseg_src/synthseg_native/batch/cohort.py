@@ -32,7 +32,7 @@ import numpy as np
 from ..config import Options
 from ..config.parser import parse
 from ..engine import labels as L
-from ..errors import UsageError, WeightsError
+from ..errors import ProvenanceError, UsageError, WeightsError
 from ..io.atomic import StagedOutputs, write_text
 from ..log import SKIP
 from . import provenance as P
@@ -175,13 +175,13 @@ class Batch:
         if self.opts.resume:
             try:
                 P.write(scan_options(self.opts, self.plan, k), shared=self.shared, weights=self._weights)
-            except (P.ProvenanceError, OSError, WeightsError) as exc:
+            except (ProvenanceError, OSError, WeightsError) as exc:
                 logger.warning(f"{self.plan.images[k]}: no provenance record, a resumed batch will redo it ({exc})")
         if self.opts.snapshot:
             vols = None if volumes is None else dict(zip(self.headers["vol"], map(float, volumes)))
             qc = None
             if qc_scores is not None:
-                qc = dict(zip(self.headers["qc"], map(float, V.qc_row("", qc_scores)[1:])))
+                qc = V.as_dict(self.headers["qc"], V.qc_row("", qc_scores))
             self._snapshot(k, "done", seconds=seconds, stages=stages, volumes=vols, qc=qc)
         if self.progress:
             self.progress.update(True)

@@ -134,9 +134,9 @@ def run(opts: Options, plan: Plan, predictor: engine.Predictor | None = None) ->
                 logger.log(DONE, f"{path} -> {plan.seg[k]} ({seconds:.1f} s{detail})")
                 batch.done(k, seconds, stages, volumes, qc_scores)
                 scan.status, scan.seconds, scan.stages = "done", seconds, stages
-                scan.volumes = dict(zip(batch.headers["vol"], map(float, volumes)))
+                scan.volumes = V.as_dict(batch.headers["vol"], V.volume_row(path, volumes))
                 if qc_scores is not None:
-                    scan.qc = dict(zip(batch.headers["qc"], map(float, V.qc_row("", qc_scores)[1:])))
+                    scan.qc = V.as_dict(batch.headers["qc"], V.qc_row("", qc_scores))
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
             if batch.progress:

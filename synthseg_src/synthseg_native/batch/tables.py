@@ -56,6 +56,11 @@ def qc_row(path: str, scores: np.ndarray) -> list[str]:
     return [subject_name(path)] + [f"{q:.4f}" for q in scores]
 
 
+def as_dict(header: list[str], row: list[str]) -> dict[str, float]:
+    """A CSV row as {column: value}, the values as the CSV writes them (3 decimals for volumes, 4 for QC)."""
+    return dict(zip(header, map(float, row[1:])))
+
+
 def render(header: list[str], rows: list[list[str]], shared: bool) -> str:
     """CSV text: a shared file has a 'subject' header and one row per subject; a per-subject file
     has a blank first header cell and one row."""

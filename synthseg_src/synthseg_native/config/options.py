@@ -15,6 +15,8 @@ import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
+import numpy as np
+
 from ..errors import UsageError
 from .sizes import parse_size
 
@@ -75,7 +77,7 @@ class Options:
     qc: str | bool | None = _opt(None, "CSV file with automated QC scores.", IO)
     post: str | None = _opt(None, "Posteriors output(s), same kind as --o.", IO)
     resample: str | None = _opt(None, "Resampled input image(s) at 1 mm, same kind as --o.", IO)
-    crop: list[int] | None = _opt(None, "Analyse a centred patch of this size (1 or 3 values).", MODEL,
+    crop: list[int] | int | None = _opt(None, "Analyse a centred patch of this size (1 or 3 values).", MODEL,
                                   nargs="+", type=int)
     threads: int | None = _opt(None, "CPU threads for TensorFlow (default: all cores; upstream defaults to 1).",
                                MODEL, type=int)
@@ -148,7 +150,7 @@ class Options:
     def normalised(self) -> Options:
         """The same request in its one canonical form: "--robust" and "--robust --fast" are the same run, and so
         are "--crop 160" and "--crop 160 160 160"; paths that outlive the working directory become absolute."""
-        crop = None if self.crop is None else [int(c) for c in self.crop]
+        crop = None if self.crop is None else [int(c) for c in crop_sizes(self.crop)]
         if crop is not None and len(crop) == 1:
             crop = crop * 3
         return replace(self, fast=self.fast or self.robust, crop=crop,
@@ -160,10 +162,11 @@ class Options:
         if self.robust and self.v1:
             raise UsageError("--robust cannot be used with --v1 (SynthSeg-robust only exists for 2.0)")
         if self.crop is not None:
-            if len(self.crop) not in (1, 3):
-                raise UsageError(f"--crop takes 1 or 3 sizes, got {len(self.crop)}")
-            if any(c <= 0 for c in self.crop):
-                raise UsageError(f"--crop sizes must be positive, got {self.crop}")
+            crop = crop_sizes(self.crop)
+            if len(crop) not in (1, 3):
+                raise UsageError(f"--crop takes 1 or 3 sizes, got {len(crop)}")
+            if any(not isinstance(c, (int, np.integer)) or c <= 0 for c in crop):
+                raise UsageError(f"--crop sizes must be positive integers, got {self.crop}")
         for name, allowed in (("bn", BN_FORMS), ("precision", PRECISIONS), ("engine", ENGINES)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -195,6 +198,11 @@ class Options:
             raise UsageError(f"{where}: unknown option(s) {', '.join(unknown)}; the options are the command "
                              f"line's flags: {', '.join(sorted(known - {'i', 'o'}))}")
         return cls(**keywords)
+
+
+def crop_sizes(crop: Any) -> list[Any]:
+    """``crop`` as a list: the API also takes one number (``crop=160``), as the flag does."""
+    return [crop] if isinstance(crop, (int, np.integer)) else list(crop)
 
 
 def default(name: str) -> Any:

@@ -15,6 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # pragma: no cover - a bare interpreter (setup runs before the venv exists) has pip's copy only
+    from pip._vendor.packaging.requirements import Requirement
+
 TF_VERSION = "2.15.1"
 
 #: Supported platforms: setup's name → the marker variables pip sees there.
@@ -26,12 +31,8 @@ MARKER_ENV: dict[str, dict[str, str]] = {
 }
 
 
-def _packaging():
-    """``packaging`` if installed, else the copy vendored in pip (a bare interpreter has only that)."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # pragma: no cover - depends on the interpreter
-        from pip._vendor.packaging.requirements import Requirement
+def _packaging() -> type[Requirement]:
+    """``packaging``'s Requirement (the installed one, else the copy vendored in pip)."""
     return Requirement
 
 

@@ -22,6 +22,10 @@ import os
 import platform
 import sys
 
+import h5py
+import nibabel
+import numpy as np
+
 from ...machine import cpu_has_bf16
 
 logger = logging.getLogger(__name__)
@@ -43,8 +47,6 @@ def prepare_tensorflow(debug: bool = False) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         # TensorFlow's Python warnings (e.g. its retracing heuristic, which counts the staged U-Net's
         # per-stage functions as "retracing") are noise for users; --debug shows them.
-        import logging
-
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
@@ -148,7 +150,6 @@ def _failure(exc: BaseException) -> str:
 
 def probe(device: str) -> dict[str, str]:
     """Run Conv3D + fused BatchNorm on a 5-D tensor on ``device``, eagerly; map op type → device or error."""
-    import numpy as np
     import tensorflow as tf
 
     x = tf.constant(np.random.RandomState(0).rand(*_SHAPE).astype(np.float32))
@@ -208,10 +209,7 @@ def _short(where: str) -> str:
 
 def report() -> str:
     """The doctor's report: versions, devices, and per device where each op type ran."""
-    import h5py
     import keras
-    import nibabel
-    import numpy as np
     import tensorflow as tf
 
     lines = [f"Python {platform.python_version()} on {platform.system()} {platform.machine()}",

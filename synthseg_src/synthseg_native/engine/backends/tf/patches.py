@@ -31,6 +31,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
 _BN_MODULE = "keras.src.layers.normalization.batch_normalization"
 _CALL_PARAMS = ["self", "inputs", "training", "mask"]
 _MISSING = object()
@@ -152,8 +154,6 @@ def apply_numpy_alias_shim() -> list[str]:
 
     Only missing names are added, so a NumPy that has them again (``np.bool`` in 2.x) is untouched.
     """
-    import numpy as np
-
     added = []
     for name in _NUMPY_ALIASES:
         if name not in _numpy_added and not _numpy_has(np, name):
@@ -165,8 +165,6 @@ def apply_numpy_alias_shim() -> list[str]:
 
 def remove_numpy_alias_shim() -> list[str]:
     """Delete the aliases :func:`apply_numpy_alias_shim` added; returns their names."""
-    import numpy as np
-
     removed = []
     while _numpy_added:
         name = _numpy_added.pop()
