@@ -29,15 +29,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
-
+from ..config.parser import parse
 from ..engine import machine
 from ..engine.backends.tf.devices import prepare_tensorflow
 from ..engine.weights import MODEL_FILES, find_weights, is_test_weights
-from ..errors import UpstreamError, WeightsError
+from ..errors import UpstreamError, UsageError, WeightsError
 from ..io.atomic import atomic_write, image_extension, write_text
 from ..log import DONE, RUN, SKIP
 from ..reference.upstream import find_synthseg_home
+from .demo import mni152_t1
 from .testweights import generate
 
 logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
@@ -104,19 +104,18 @@ def default_results_dir() -> Path:
 
 
 def default_input(work: Path) -> Path:
-    from nilearn.datasets import load_mni152_template
-
     image = work / "mni152_t1.nii.gz"
-    if not image.is_file():
-        work.mkdir(parents=True, exist_ok=True)
-        nib.save(load_mni152_template(resolution=1), str(image))
+    if not mni152_t1(image):
+        raise BenchError("no input: give --in IMG, or install nilearn for the default MNI152 T1")
     return image
 
 
 def needed_models(flags: list[str]) -> list[str]:
-    keys = ["robust" if "--robust" in flags else ("seg1" if "--v1" in flags else "seg2")]
-    keys += [k for k, flag in (("parc", "--parc"), ("qc", "--qc")) if flag in flags]
-    return keys
+    """The weight files the engine flags need, read by the engine's own parser."""
+    try:
+        return parse(["--i", "in.nii.gz", "--o", "out.nii.gz", *flags]).normalised().model_keys
+    except UsageError as exc:
+        raise BenchError(f"FLAGS: {exc}") from exc
 
 
 def resolve_weights(models: str | None, flags: list[str], work: Path) -> tuple[str, bool]:

@@ -34,6 +34,23 @@ BANNER = """
 """
 
 
+def mni152_t1(path: Path) -> bool:
+    """Write nilearn's MNI152 T1 (1 mm) to ``path`` unless it is there; False (after an [ERR] line) without
+    nilearn, which a plain ``pip install`` leaves out (``pip install '.[demo]'`` brings it)."""
+    if path.is_file():
+        return True
+    try:
+        from nilearn.datasets import load_mni152_template
+    except ImportError:
+        logger.error("the MNI152 T1 comes from nilearn, which is not installed: pip install 'synthseg-native[demo]' "
+                     "(or pip install nilearn), or give an image of your own")
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(load_mni152_template(resolution=1), str(path))
+    logger.info(f"input: MNI152 T1 template from nilearn -> {path}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Segment nilearn's MNI152 T1 into results/demo/.")
     p.add_argument("--out", default="results/demo", help="Output folder (default: results/demo).")
@@ -45,12 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from nilearn.datasets import load_mni152_template
-
     image = out / "mni152_t1.nii.gz"
-    if not image.is_file():
-        nib.save(load_mni152_template(resolution=1), str(image))
-        logger.info(f"input: MNI152 T1 template from nilearn -> {image}")
+    if not mni152_t1(image):
+        return 1
 
     models, test_weights = args.models, False
     try:

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
+from ....config import N_LEVELS
+
 KL = tf.keras.layers
 
 
 def unet(inputs: tf.Tensor, prefix: str, n_labels: int, conv_size: int = 3, n_features: int = 24,
-         n_levels: int = 5, skip_n: int = 0, activation: str = "elu") -> tf.Tensor:
+         n_levels: int = N_LEVELS, skip_n: int = 0, activation: str = "elu") -> tf.Tensor:
     """Encoder/decoder with BatchNorm at the end of each level and softmax output ``{prefix}_prediction``.
 
     Skip connections take the last convolution of each encoder level *before* its BatchNorm;
@@ -168,7 +170,7 @@ class StagedUNet:
     slabs the half-resolution convs (144 channels after the skip merge) left ~2 GB behind.
     """
 
-    def __init__(self, model: tf.keras.Model, prefix: str = "unet", n_levels: int = 5, slab: int = 16,
+    def __init__(self, model: tf.keras.Model, prefix: str = "unet", n_levels: int = N_LEVELS, slab: int = 16,
                  fine_levels: int = 2):
         if slab < 2 or slab % 2:
             raise ValueError(f"slab must be a positive even number of rows (2x2x2 pooling), not {slab}")
