@@ -151,16 +151,20 @@ def _planned(opts: Options) -> tuple[Options, Plan]:
     return opts, plan
 
 
+def _version(opts: Options) -> str:
+    """The model and, for reduced precision, the warning that comes with it (log line, BIDS metadata)."""
+    return opts.version + (f", {opts.precision} (not identical to upstream)" if opts.precision != "fp32" else "")
+
+
 def _announce(opts: Options, runtime: engine.Runtime, images: int | None) -> None:
-    version = opts.version + (f", {opts.precision} (not identical to upstream)" if opts.precision != "fp32" else "")
     count = "" if images is None else f"{images} image(s), "
-    logger.info(f"{version}, native engine, {count}{runtime.threads} thread(s), device {runtime.device}")
+    logger.info(f"{_version(opts)}, native engine, {count}{runtime.threads} thread(s), device {runtime.device}")
 
 
 def _run(opts: Options, plan: Plan, predictor: engine.Predictor | None) -> Result:
     if plan.bids_root is not None:
         try:
-            write_dataset_files(plan, opts.o or "", opts.v1, opts.parc, f"{opts.version}, native tf.keras engine")
+            write_dataset_files(plan, opts.o or "", opts.v1, opts.parc, f"{_version(opts)}, native tf.keras engine")
         except OSError as exc:
             raise OutputError(exc.errno, f"{opts.o}: cannot write the derivative dataset's files ({exc})") from exc
     report = runner.run(opts, plan, predictor)

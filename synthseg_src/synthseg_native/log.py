@@ -23,8 +23,6 @@ PACKAGE = "synthseg_native"
 RUN, SKIP, DONE = logging.INFO + 1, logging.INFO + 2, logging.INFO + 3
 TAGS = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", RUN: "RUN ", SKIP: "SKIP", DONE: "DONE",
         logging.WARNING: "WARN", logging.ERROR: "ERR", logging.CRITICAL: "ERR"}
-LEVELS = {"INFO": logging.INFO, "RUN": RUN, "SKIP": SKIP, "DONE": DONE, "WARN": logging.WARNING,
-          "ERR": logging.ERROR}
 for _level, _tag in ((RUN, "RUN"), (SKIP, "SKIP"), (DONE, "DONE")):
     logging.addLevelName(_level, _tag)
 
@@ -89,11 +87,6 @@ def pause_with(around: Callable[[IO[str]], AbstractContextManager[None]]) -> Non
 def stop_pausing(around: Callable[[IO[str]], AbstractContextManager[None]]) -> None:
     if around in _pause:
         _pause.remove(around)
-
-
-def log(tag: str, message: str, name: str = PACKAGE) -> None:
-    """One line by tag name (``"INFO"``, ``"RUN"``, ...): for the few callers that choose the tag at run time."""
-    logging.getLogger(name).log(LEVELS[tag], message)
 
 
 install()

@@ -54,20 +54,3 @@ def parse(argv: list[str], prog: str = PROG) -> Options:
     """Options of a command line as given (not yet normalised or checked: :meth:`Options.normalised`,
     :meth:`Options.check`)."""
     return Options(**vars(build_parser(prog).parse_args(argv)))
-
-
-def to_argv(opts: Options) -> list[str]:
-    """The command line that :func:`parse` turns back into ``opts`` (non-default fields only)."""
-    argv: list[str] = []
-    for f in fields(Options):
-        value = getattr(opts, f.name)
-        if value == default(f.name) or value is None or value is False:
-            continue
-        flag = f.metadata["flag"] or f"--{f.name}"
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
