@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from synthseg_native.engine.backends.tf import network
+from synthseg_native.engine.backends.tf import blur, network
 from synthseg_native.engine.backends.tf.patches import graph_op_types, unfused_batchnorm
 
 
@@ -74,11 +74,11 @@ def op_sequence(model) -> list[str]:
 def test_channel_blur_matches_in_graph_blur():
     """Per-channel blur outside the graph equals upstream-style concat of per-channel convs."""
     post = np.random.RandomState(2).rand(1, 37, 16, 14, 5).astype(np.float32)
-    kernel = network.blur_kernel(0.5)
+    kernel = blur.blur_kernel(0.5)
     ref = tf.concat([tf.nn.conv3d(tf.expand_dims(post[..., n], -1), kernel, [1] * 5, "SAME")
                      for n in range(5)], -1).numpy()
     for slab in (1, 2, 7, 16, 37, 64):  # in place, slab by slab: each slab must see its unblurred neighbours
-        out = network.ChannelBlur(0.5, slab=slab)(post.copy())
+        out = blur.ChannelBlur(0.5, slab=slab)(post.copy())
         np.testing.assert_array_equal(out, ref)
 
 
@@ -86,7 +86,7 @@ def test_average_flipped_swaps_channels():
     a = np.zeros((1, 4, 2, 2, 3), np.float32)
     b = np.zeros_like(a)
     b[0, 0, ..., 1] = 1.0  # channel 1 at the first x of the flipped prediction
-    out = network.average_flipped(a, b, np.array([0, 2, 1]))
+    out = blur.average_flipped(a, b, np.array([0, 2, 1]))
     assert out[0, 3, 0, 0, 2] == 0.5 and out.sum() == 0.5 * 4
 
 
@@ -115,7 +115,7 @@ def test_robust_model_stages():
 
 
 def test_blur_kernel_is_normalised_gaussian():
-    k = network.blur_kernel(0.5).numpy()[..., 0, 0]
+    k = blur.blur_kernel(0.5).numpy()[..., 0, 0]
     assert k.shape == (3, 3, 3)
     assert abs(k.sum() - 1) < 1e-6 and k[1, 1, 1] == k.max()
     ratio = k[1, 1, 0] / k[1, 1, 1]
@@ -151,11 +151,11 @@ def test_blur_and_flip_average_in_slabs_equal_whole_volume():
     rng = np.random.RandomState(4)
     post = rng.rand(1, 37, 12, 10, 4).astype(np.float32)
     flipped = rng.rand(1, 37, 12, 10, 4).astype(np.float32)
-    blur = network.ChannelBlur(0.5)
+    smooth = blur.ChannelBlur(0.5)
     flip = np.array([0, 2, 1, 3])
-    whole = network.average_flipped(blur(post.copy()), blur(flipped.copy()), flip)
+    whole = blur.average_flipped(smooth(post.copy()), smooth(flipped.copy()), flip)
     for slab in (1, 5, 16, 37, 64):
-        blurred = list(network.blurred_slabs(_slabs_of(flipped, slab), blur))
-        np.testing.assert_array_equal(np.concatenate([p for _, _, p in blurred], axis=1), blur(flipped.copy()))
-        got = network.blur_average_flipped(blur(post.copy()), _slabs_of(flipped, slab), blur, flip)
+        blurred = list(blur.blurred_slabs(_slabs_of(flipped, slab), smooth))
+        np.testing.assert_array_equal(np.concatenate([p for _, _, p in blurred], axis=1), smooth(flipped.copy()))
+        got = blur.blur_average_flipped(smooth(post.copy()), _slabs_of(flipped, slab), smooth, flip)
         np.testing.assert_array_equal(got, whole)

@@ -24,6 +24,7 @@ from ... import labels as L
 from ...runtime import Runtime, Timings
 from ...weights import MODEL_FILES, file_sha256, find_weights, is_test_weights, read_weights
 from . import devices, network
+from .blur import ChannelBlur, blur_average_flipped, blurred_slabs
 from .flops import conv_flops
 from .patches import unfused_batchnorm
 
@@ -66,7 +67,7 @@ class TFPredictor:
                 self.model = network.robust_model(len(self.labels.labels), len(L.denoiser_groups()))
             else:
                 self.model = network.unet_model(len(self.labels.labels))
-        self.blur = None if opts.robust else network.ChannelBlur(SIGMA_POSTERIORS)
+        self.blur = None if opts.robust else ChannelBlur(SIGMA_POSTERIORS)
         path = self.weight_paths[key]
         assign(self.model, read_weights(path), path)
         # The plain U-Nets run in stages (same bits, a fraction of the memory); robust stays one graph.
@@ -81,7 +82,7 @@ class TFPredictor:
             self.parc_model = self._load("parc", parc)
             with precision_policy(opts.precision):
                 self.run_parc = network.StagedUNet(self.parc_model, prefix="unet_parc")
-            self.parc_blur = network.ChannelBlur(SIGMA_POSTERIORS)
+            self.parc_blur = ChannelBlur(SIGMA_POSTERIORS)
         if opts.qc:
             self.qc_model = self._load("qc", network.qc_model(len(np.unique(self.labels.qc_groups))))
         for weights in self.weight_paths.values():
@@ -149,10 +150,10 @@ class TFPredictor:
         if self.blur is None:  # robust: no smoothing anywhere
             blurred = returned = self.run_seg.predict(image, verbose=0)
         elif self.flip is not None:  # both passes blurred as their slabs come out of the network
-            blurred = network.assemble(network.blurred_slabs(self.run_seg.predict_slabs(image), self.blur),
+            blurred = network.assemble(blurred_slabs(self.run_seg.predict_slabs(image), self.blur),
                                        image.shape[1])
             flipped = self.run_seg.predict_slabs(np.ascontiguousarray(image[:, ::-1]))
-            blurred = returned = network.blur_average_flipped(blurred, flipped, self.blur, self.flip)
+            blurred = returned = blur_average_flipped(blurred, flipped, self.blur, self.flip)
         else:
             soft = self.run_seg.predict(image, verbose=0)
             returned = soft.copy() if heads_on else None
