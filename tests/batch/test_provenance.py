@@ -127,3 +127,16 @@ def test_only_single_image_runs_are_cached(run, capsys):
     assert check(args) == P.EXIT_ERROR
     assert "one input image" in capsys.readouterr().err
     assert P.main(["check"]) == P.EXIT_USAGE
+
+
+def test_toolkit_digest_covers_every_module_of_the_package(tmp_path, monkeypatch):
+    """A change in a subpackage (here the engine) must invalidate the cache like a change at the top."""
+    import shutil
+
+    copy = tmp_path / "synthseg_native"
+    shutil.copytree(P.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(P, "PACKAGE_DIR", copy)
+    before = P.toolkit()["sources_sha256"]
+    deep = copy / "engine" / "backends" / "tf" / "network.py"
+    deep.write_text(deep.read_text() + "\n# changed\n")
+    assert P.toolkit()["sources_sha256"] != before
