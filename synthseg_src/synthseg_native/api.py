@@ -34,7 +34,7 @@ from .batch.bids import is_dataset, write_dataset_files
 from .batch.plan import Plan
 from .batch.shards import make_plan
 from .config import GRID_STEP, Options, round_up
-from .config.options import IO, MODEL, RUN, crop_sizes
+from .config.options import IO, MODEL, NATIVE_ONLY, RUN, crop_sizes
 from .engine import predictor as engine
 from .engine.segment import memory_plan, segment_image
 from .errors import OutputError, UsageError
@@ -143,7 +143,7 @@ def _planned(opts: Options) -> tuple[Options, Plan]:
     given = None if opts.crop is None else crop_sizes(opts.crop)
     opts = opts.normalised()
     if opts.engine == "upstream" and is_dataset(opts.i):
-        raise UsageError("--resume, --shard, --snapshot and BIDS datasets need the native engine")
+        raise UsageError(NATIVE_ONLY)  # the BIDS half of Options.check: it needs the file system
     plan = make_plan(opts)
     if given is not None and any(c % GRID_STEP for c in given):
         logger.info(f"--crop {' '.join(map(str, given))} is rounded up to {' '.join(str(round_up(c)) for c in given)} "

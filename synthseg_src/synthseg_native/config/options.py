@@ -28,6 +28,7 @@ ENGINES = ("native", "upstream")
 DEFAULT_BIDS_SUFFIXES = ("T1w",)
 
 MODEL, IO, RUN = "model", "io", "run"  # what a field decides: the networks, the files, or how the run behaves
+NATIVE_ONLY = "--resume, --shard, --snapshot and BIDS datasets need the native engine"
 
 
 def round_up(n: int, m: int = GRID_STEP) -> int:
@@ -180,7 +181,7 @@ class Options:
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
         if self.engine == "upstream" and (self.resume or self.shard or self.snapshot):
-            raise UsageError("--resume, --shard, --snapshot and BIDS datasets need the native engine")
+            raise UsageError(NATIVE_ONLY)
         if self.shard:
             parse_shard(self.shard)
 
