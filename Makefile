@@ -3,7 +3,8 @@ SHELL := /usr/bin/env bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-VENV ?= .venv
+BACKEND ?=
+VENV ?= $(if $(filter torch,$(BACKEND)),.venv-torch,.venv)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 SHELL_SCRIPTS := scripts/*.sh .ci/run
@@ -17,11 +18,11 @@ THREADS ?=
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: ## Build .venv for this platform (GPU=cuda on Linux; FORCE=1 rebuilds; PYTHON= picks the interpreter)
-	@VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
+setup: ## Build .venv for this platform (GPU=cuda on Linux; BACKEND=torch: .venv-torch, no TensorFlow; FORCE=1 rebuilds; PYTHON=)
+	@BACKEND="$(or $(BACKEND),tf)" VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
 
-$(STAMP): requirements-metal.txt pyproject.toml
-	@VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
+$(STAMP): requirements-metal.txt requirements-torch.txt pyproject.toml
+	@BACKEND="$(or $(BACKEND),tf)" VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
 
 test: _need_shellcheck $(STAMP) ## Run pytest (all of it), ruff, the import layers and shellcheck (builds the environment first if needed)
 	$(PY) -m pytest -q
@@ -49,7 +50,8 @@ demo: $(STAMP) ## Segment nilearn's MNI152 T1 into results/demo/ (test weights i
 
 run: $(STAMP) ## Segment IN into OUT with upstream's FLAGS, e.g. make run IN=t1.nii.gz OUT=seg.nii.gz FLAGS="--vol v.csv"
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "[ERR] usage: make run IN=input OUT=output [FLAGS='--parc --vol v.csv']" >&2; exit 2; }
-	@$(PY) -m synthseg_native --i "$(IN)" --o "$(OUT)" $(if $(THREADS),--threads $(THREADS)) $(FLAGS)
+	@$(PY) -m synthseg_native --i "$(IN)" --o "$(OUT)" $(if $(THREADS),--threads $(THREADS)) \
+		$(if $(BACKEND),--backend $(BACKEND)) $(FLAGS)
 
 clean: ## Remove caches and demo outputs (keeps .venv; rm -rf .venv for a full reset)
 	rm -rf results/demo .pytest_cache .ruff_cache .snakemake build synthseg_src/*.egg-info

@@ -7,8 +7,9 @@ RESULTS ?=
 
 .PHONY: bench roofline
 
-bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS=]
+bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS= BACKENDS="tf torch"]
 	@$(PY) -m synthseg_native.tools.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
+		$(if $(BACKENDS),--backends "$(BACKENDS)") \
 		$(if $(THREADS),--threads "$(THREADS)") $(if $(FLAGS),--flags "$(FLAGS)") \
 		$(if $(RESULTS),--results "$(RESULTS)")
 

@@ -12,7 +12,7 @@
 #
 # Environment (variables win over .env): FORCE=1 (re-run even if cached), THREADS, SYNTHSEG_FLAGS
 # (extra engine flags, word-split: "--parc --robust"), SYNTHSEG_MODELS (weights folder),
-# DEVICE=auto|cpu|gpu, ENGINE=native|upstream, SYNTHSEG_HOME (upstream checkout), POSTERIORS=1
+# DEVICE=auto|cpu|gpu|cuda|mps, BACKEND=tf|torch|auto (native engine), ENGINE=native|upstream, SYNTHSEG_HOME (upstream checkout), POSTERIORS=1
 # (also write <OUT without extension>_posteriors.nii.gz), PYTHON (default: the project's .venv, or $VENV),
 # ENV_FILE (default: .env at the project root).
 #
@@ -24,7 +24,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 STAGE40_ENV_KEYS=(  # the .env keys this stage and the Docker one read
-  DATA_ROOT SID THREADS SYNTHSEG_FLAGS SYNTHSEG_MODELS DEVICE ENGINE
+  DATA_ROOT SID THREADS SYNTHSEG_FLAGS SYNTHSEG_MODELS DEVICE BACKEND ENGINE
   SYNTHSEG_HOME DOCKER_IMAGE DOCKER_SYNTHSEG_CMD)
 
 #######################################
@@ -98,14 +98,15 @@ stage40::resolve_paths() {
 main() {
   (($# <= 2)) || die "usage: $0 [IN [OUT]]  (see docs/pipeline.md)"
   stage40::resolve_paths "$@"
-  local engine="${ENGINE:-native}" device="${DEVICE:-auto}" python
+  local engine="${ENGINE:-native}" device="${DEVICE:-auto}" backend="${BACKEND:-}" python
   [[ "${engine}" == native || "${engine}" == upstream ]] || die "ENGINE must be native or upstream, not '${engine}'"
-  [[ "${device}" =~ ^(auto|cpu|gpu)$ ]] || die "DEVICE must be auto, cpu or gpu, not '${device}'"
+  [[ "${device}" =~ ^(auto|cpu|gpu|cuda|mps)$ ]] || die "DEVICE must be auto, cpu, gpu, cuda or mps, not '${device}'"
+  [[ -z "${backend}" || "${backend}" =~ ^(tf|torch|auto)$ ]] || die "BACKEND must be tf, torch or auto, not '${backend}'"
   local -a flags=() args
   read -r -a flags <<< "${SYNTHSEG_FLAGS:-}"  # word-split on purpose: several flags in one variable
   log_info "input:   ${STAGE40_IN}"
   log_info "outputs: ${STAGE40_SEG}, ${STAGE40_VOL}${STAGE40_POST:+, ${STAGE40_POST}}"
-  log_info "engine:  ${engine}, device: ${device}${flags[*]:+, flags: ${flags[*]}}"
+  log_info "engine:  ${engine}${backend:+ (${backend} backend)}, device: ${device}${flags[*]:+, flags: ${flags[*]}}"
   [[ -f "${STAGE40_IN}" ]] || die "input not found: ${STAGE40_IN} (run step 30 first, or pass an image)"
   python="$(venv_python)"
 
@@ -114,6 +115,8 @@ main() {
   [[ -z "${STAGE40_POST}" ]] || args+=(--post "${STAGE40_POST}")
   [[ -z "${THREADS:-}" ]] || args+=(--threads "${THREADS}")
   [[ "${device}" != cpu ]] || args+=(--cpu)
+  [[ ! "${device}" =~ ^(cuda|mps)$ ]] || args+=(--device "${device}")
+  [[ -z "${backend}" ]] || args+=(--backend "${backend}")
   [[ -z "${SYNTHSEG_MODELS:-}" ]] || args+=(--models "${SYNTHSEG_MODELS}")
   [[ -z "${SYNTHSEG_HOME:-}" ]] || args+=(--synthseg-home "${SYNTHSEG_HOME}")
 

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # make setup: build the project's Python environment for this platform.
 #
-#   macOS arm64   tensorflow 2.15.1 + keras 2.15.0 + tensorflow-metal 1.1.0
-#   macOS x86_64  tensorflow 2.15.1 (CPU)
-#   Linux         tensorflow 2.15.1 (CPU); GPU=cuda adds tensorflow[and-cuda]==2.15.1
+#   macOS arm64   tensorflow 2.15.1 + keras 2.15.0 + tensorflow-metal 1.1.0, torch (MPS)
+#   macOS x86_64  tensorflow 2.15.1 (CPU), torch
+#   Linux         tensorflow 2.15.1 (CPU), torch (CPU build); GPU=cuda adds tensorflow[and-cuda]==2.15.1 and
+#                 takes PyPI's CUDA build of torch
+#   BACKEND=torch the PyTorch backend alone (requirements-torch.txt, numpy 2, no TensorFlow) on Python 3.10-3.13,
+#                 in .venv-torch by default
 #
-# Knobs: PYTHON (interpreter 3.9-3.11), VENV (default .venv), GPU=cuda, FORCE=1 (rebuild),
+# Knobs: BACKEND (tf: the default, or torch), PYTHON (interpreter: 3.9-3.11; 3.10-3.13 with BACKEND=torch),
+# VENV (default .venv, .venv-torch with BACKEND=torch), GPU=cuda, TORCH_CPU_INDEX (Linux CPU wheels of torch;
+# empty: only the configured indexes), FORCE=1 (rebuild),
 # DRY_RUN=1 (print the plan, install nothing), SETUP_UNAME_S / SETUP_UNAME_M (simulate a platform).
 # The environment is stamped with a hash of requirements-metal.txt, pyproject.toml, the platform and
 # the Python version: a second run with the same inputs only reports. Which packages a platform gets
@@ -16,7 +21,15 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 readonly TF_VERSION="2.15.1"
-readonly REQUIREMENTS="${PROJECT_ROOT}/requirements-metal.txt"
+readonly BACKEND="${BACKEND:-tf}"
+case "${BACKEND}" in
+  tf) readonly REQUIREMENTS="${PROJECT_ROOT}/requirements-metal.txt" PYTHONS="3.9-3.11" \
+        WHY="tensorflow ${TF_VERSION} needs Python 3.9-3.11" ;;
+  torch) readonly REQUIREMENTS="${PROJECT_ROOT}/requirements-torch.txt" PYTHONS="3.10-3.13" \
+        WHY="the torch environment supports Python 3.10-3.13" ;;
+  *) printf '[ERR] BACKEND=%s is not a backend: use BACKEND=tf (default) or BACKEND=torch\n' "${BACKEND}" >&2; exit 1 ;;
+esac
+readonly TORCH_CPU_INDEX="${TORCH_CPU_INDEX-https://download.pytorch.org/whl/cpu}"
 readonly CONDA_ENV="synthseg-metal"
 readonly DRY="${DRY_RUN:-0}"
 
@@ -43,6 +56,9 @@ python_version() {
 }
 
 supported() {
+  if [[ "${BACKEND}" == torch ]]; then
+    case "$1" in 3.10 | 3.11 | 3.12 | 3.13) return 0 ;; *) return 1 ;; esac
+  fi
   case "$1" in 3.9 | 3.10 | 3.11) return 0 ;; *) return 1 ;; esac
 }
 
@@ -65,19 +81,19 @@ install_hint() {
 find_conda_python() {
   local conda_bin="$1" path
   if [[ "${DRY}" == "1" ]]; then
-    log_info "no Python 3.9-3.11 found; would use ${conda_bin} env ${CONDA_ENV} (Python 3.11)" >&2
+    log_info "no Python ${PYTHONS} found; would use ${conda_bin} env ${CONDA_ENV} (Python 3.11)" >&2
     printf 'conda:%s\n' "${CONDA_ENV}"
     return 0
   fi
   path="$("${conda_bin}" run -n "${CONDA_ENV}" python -c 'import sys; print(sys.executable)' 2>/dev/null | tail -n 1)" \
     || path=""
   if [[ -z "${path}" ]]; then
-    log_run "no Python 3.9-3.11 found; creating ${conda_bin} env ${CONDA_ENV} with Python 3.11" >&2
+    log_run "no Python ${PYTHONS} found; creating ${conda_bin} env ${CONDA_ENV} with Python 3.11" >&2
     "${conda_bin}" create -y -q -n "${CONDA_ENV}" python=3.11 >&2 \
       || die "'${conda_bin} create -n ${CONDA_ENV} python=3.11' failed; $(install_hint)"
     path="$("${conda_bin}" run -n "${CONDA_ENV}" python -c 'import sys; print(sys.executable)' | tail -n 1)"
   fi
-  supported "$(python_version "${path}")" || die "conda env ${CONDA_ENV} has no Python 3.9-3.11 (${path}); $(install_hint)"
+  supported "$(python_version "${path}")" || die "conda env ${CONDA_ENV} has no Python ${PYTHONS} (${path}); $(install_hint)"
   printf '%s\n' "${path}"
 }
 
@@ -87,15 +103,17 @@ find_python() {
   if [[ -n "${PYTHON:-}" ]]; then
     version="$(python_version "${PYTHON}")"
     [[ -n "${version}" ]] \
-      || die "PYTHON=${PYTHON} does not run as Python; tensorflow ${TF_VERSION} needs Python 3.9-3.11: $(install_hint)"
+      || die "PYTHON=${PYTHON} does not run as Python; ${WHY}: $(install_hint)"
     supported "${version}" \
-      || die "PYTHON=${PYTHON} is Python ${version}; tensorflow ${TF_VERSION} needs Python 3.9-3.11: $(install_hint)"
+      || die "PYTHON=${PYTHON} is Python ${version}; ${WHY}: $(install_hint)"
     can_make_venv "${PYTHON}" \
       || die "PYTHON=${PYTHON} (Python ${version}) cannot create virtual environments: apt-get install python${version}-venv"
     printf '%s\n' "${PYTHON}"
     return 0
   fi
-  for candidate in python3.11 python3.10 python3.9 python3; do
+  local candidates=(python3.11 python3.10 python3.9 python3)
+  [[ "${BACKEND}" != torch ]] || candidates=(python3.12 python3.13 python3.11 python3.10 python3)
+  for candidate in "${candidates[@]}"; do
     path="$(command -v "${candidate}" 2>/dev/null)" || continue
     version="$(python_version "${path}")"
     if [[ -n "${version}" ]] && supported "${version}"; then
@@ -113,15 +131,33 @@ find_python() {
       return 0
     fi
   done
-  die "no Python 3.9-3.11 found (tensorflow ${TF_VERSION} needs one): $(install_hint)"
+  die "no Python ${PYTHONS} found (${WHY}): $(install_hint)"
 }
 
 python_bin="$(find_python)"
-venv="${VENV:-${PROJECT_ROOT}/.venv}"
+default_venv=".venv"
+[[ "${BACKEND}" != torch ]] || default_venv=".venv-torch"
+venv="${VENV:-${PROJECT_ROOT}/${default_venv}}"
 [[ "${venv}" = /* ]] || venv="${PROJECT_ROOT}/${venv}"
 stamp="${venv}/.setup-stamp"
 packages=(-r "${REQUIREMENTS}")
-[[ "${flavour}" != "cuda" ]] || packages+=("tensorflow[and-cuda]==${TF_VERSION}")
+[[ "${flavour}" != "cuda" || "${BACKEND}" == torch ]] || packages+=("tensorflow[and-cuda]==${TF_VERSION}")
+# Linux without GPU=cuda: PyTorch's CPU build (PyPI's Linux wheel is the CUDA one, several GB with its libraries)
+# index_reachable URL: whether pip could read URL (an offline mirror or a closed network cannot: pip would retry
+# it for every package, minutes in all, before falling back to the configured indexes anyway).
+index_reachable() {
+  "${python_bin}" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$1" \
+    >/dev/null 2>&1
+}
+if [[ "${platform}" == linux-* && "${flavour}" == "cpu" && -n "${TORCH_CPU_INDEX}" && "${DRY}" != 1 ]]; then
+  if index_reachable "${TORCH_CPU_INDEX%/}/torch/"; then
+    packages+=(--extra-index-url "${TORCH_CPU_INDEX}")
+  else
+    log_info "PyTorch's CPU index ${TORCH_CPU_INDEX} is unreachable: torch comes from the configured indexes"
+  fi
+elif [[ "${platform}" == linux-* && "${flavour}" == "cpu" && -n "${TORCH_CPU_INDEX}" ]]; then
+  packages+=(--extra-index-url "${TORCH_CPU_INDEX}")
+fi
 py_version="$(python_version "${python_bin}")"
 
 # The stamp: what the environment was built from. Any change means a rebuild.
@@ -129,7 +165,7 @@ stamp_hash() {
   local tool=(sha256sum)
   command -v sha256sum >/dev/null 2>&1 || tool=(shasum -a 256)
   { cat "${REQUIREMENTS}" "${PROJECT_ROOT}/pyproject.toml"
-    printf '%s %s %s\n' "${platform}" "${flavour}" "${py_version}"; } | "${tool[@]}" | cut -d' ' -f1
+    printf '%s %s %s %s\n' "${platform}" "${flavour}" "${py_version}" "${BACKEND}"; } | "${tool[@]}" | cut -d' ' -f1
 }
 want="$(stamp_hash)"
 if [[ "${FORCE:-0}" == "1" ]]; then
@@ -142,10 +178,10 @@ else
   action="rebuild"
 fi
 
-log_info "platform ${platform} (${flavour}), Python ${py_version:-?} at ${python_bin}, environment ${venv}"
+log_info "backend ${BACKEND}, platform ${platform} (${flavour}), Python ${py_version:-?} at ${python_bin}, environment ${venv}"
 if [[ "${DRY}" == "1" ]]; then
-  printf 'PLAN platform=%s flavour=%s python=%s version=%s venv=%s action=%s\n' "${platform}" "${flavour}" \
-    "${python_bin}" "${py_version:-?}" "${venv}" "${action}"
+  printf 'PLAN backend=%s platform=%s flavour=%s python=%s version=%s venv=%s action=%s\n' "${BACKEND}" \
+    "${platform}" "${flavour}" "${python_bin}" "${py_version:-?}" "${venv}" "${action}"
   printf 'PLAN install %s\n' "${packages[*]}"
   if [[ -n "${py_version}" ]]; then
     PYTHONPATH="${PROJECT_ROOT}/synthseg_src" "${python_bin}" -m synthseg_native.tools.platforms "${REQUIREMENTS}" \

@@ -126,7 +126,8 @@ def segment(input: ImageInput, output: str | os.PathLike | None = None, **option
     opts = _split("segment()", {**options, "i": os.fspath(input), "o": None if output is None else os.fspath(output)},
                   set(Options.names()))
     opts, plan = _planned(opts)
-    engine.prepare(opts.debug)
+    opts = replace(opts, backend=engine.resolve_backend(opts))
+    engine.prepare(opts.debug, opts.backend)
     if opts.engine == "upstream":
         rc = run_upstream(opts)
         return Result([ScanReport(p, plan.image_outputs(k), "done" if rc == 0 else "failed")
@@ -158,13 +159,15 @@ def _version(opts: Options) -> str:
 
 def _announce(opts: Options, runtime: engine.Runtime, images: int | None) -> None:
     count = "" if images is None else f"{images} image(s), "
-    logger.info(f"{_version(opts)}, native engine, {count}{runtime.threads} thread(s), device {runtime.device}")
+    logger.info(f"{_version(opts)}, native engine ({runtime.backend} backend), {count}{runtime.threads} thread(s), "
+                f"device {runtime.device}")
 
 
 def _run(opts: Options, plan: Plan, predictor: engine.Predictor | None) -> Result:
     if plan.bids_root is not None:
         try:
-            write_dataset_files(plan, opts.o or "", opts.v1, opts.parc, f"{_version(opts)}, native tf.keras engine")
+            write_dataset_files(plan, opts.o or "", opts.v1, opts.parc,
+                                f"{_version(opts)}, native engine ({opts.backend} backend)")
         except OSError as exc:
             raise OutputError(exc.errno, f"{opts.o}: cannot write the derivative dataset's files ({exc})") from exc
     report = runner.run(opts, plan, predictor)
@@ -188,12 +191,13 @@ class Segmenter:
         opts.check()
         if opts.engine != "native":
             raise UsageError("Segmenter(): the upstream engine is for comparisons; use segment(..., engine='upstream')")
-        engine.prepare(opts.debug)
+        opts = replace(opts, backend=engine.resolve_backend(opts))
+        engine.prepare(opts.debug, opts.backend)
         self.runtime = engine.start(opts)
         self.options = replace(opts, precision=self.runtime.precision, qc=bool(opts.qc))
         _announce(self.options, self.runtime, None)
         self.timings = engine.Timings()
-        self.predictor = engine.load(self.options, self.timings)
+        self.predictor = engine.load(self.options, self.timings, self.runtime)
         self.labels = self.predictor.labels
         self._columns = V.volume_columns(self.labels, self.options.parc)
 
@@ -237,11 +241,11 @@ class Segmenter:
         if isinstance(image, (str, os.PathLike)):
             path = os.fspath(image)
             label = name or path
-            decision = memory_plan(label, peek_image(path), self.options)
+            decision = memory_plan(label, peek_image(path), self.options, self._loaded())
             loaded = load_image(path)
         else:
             label = name or (image.get_filename() or "image")
-            decision = memory_plan(label, image_info(image, label), self.options)
+            decision = memory_plan(label, image_info(image, label), self.options, self._loaded())
             loaded = from_nibabel(image, label)
         timings = engine.Timings()
         result = segment_image(self._loaded(), self.options, loaded, label, decision, timings,

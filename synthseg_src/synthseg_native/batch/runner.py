@@ -202,7 +202,7 @@ def _segment(opts: Options, plan: Plan, k: int, predictor: engine.Predictor, tim
     """The engine on image ``k`` with every output staged; returns the shared-CSV rows that become part of the
     tables once the stage is committed, the volumes and the QC scores."""
     path = plan.images[k]
-    decision = memory_plan(path, peek_image(path), opts)
+    decision = memory_plan(path, peek_image(path), opts, predictor)
     img = load_image(path)
 
     def write_resampled(prep: Prepared) -> None:

@@ -23,7 +23,9 @@ from .sizes import parse_size
 N_LEVELS = 5                 # the U-Net halves the grid 5 times...
 GRID_STEP = 2 ** N_LEVELS    # ...so every network grid (and --crop) is a multiple of 32
 BN_FORMS = ("auto", "fused", "unfused")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
+BACKENDS = ("tf", "torch", "auto")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 ENGINES = ("native", "upstream")
 DEFAULT_BIDS_SUFFIXES = ("T1w",)
 
@@ -92,11 +94,18 @@ class Options:
                          "sidecar <name>_ctab.txt for NIfTI).", MODEL, action="store_true")
     # this toolkit
     models: str | None = _opt(None, "Folder with the weight files (searched first).", MODEL)
+    backend: str = _opt("tf", "Network backend: tf (default; TensorFlow, byte-identical to upstream on the CPU), "
+                        "torch (PyTorch: CUDA and Apple GPUs, no TensorFlow needed; agrees with upstream to float32 "
+                        "rounding, docs/equivalence.md) or auto (torch when PyTorch sees a CUDA/MPS GPU, else tf).",
+                        MODEL, choices=list(BACKENDS))
+    device: str = _opt("auto", "Where the networks run: auto (CUDA, then MPS, then CPU), cpu, cuda or mps (mps: torch "
+                       "backend only). --cpu is --device cpu.", MODEL, choices=list(DEVICES))
     bn: str = _opt("auto", "BatchNorm form: fused (exact, CPU/CUDA), unfused (Metal); auto picks per device.",
                    MODEL, choices=list(BN_FORMS))
     precision: str = _opt("fp32", "Network arithmetic: fp32 (default, identical to upstream); bf16 (CPUs with "
-                          "AVX512-BF16/AMX, CUDA >= 8.0) or fp16 (CUDA) are faster but NOT identical "
-                          "(docs/precision.md). Falls back to fp32 with a warning where the hardware lacks support.",
+                          "AVX512-BF16/AMX, CUDA >= 8.0) or fp16 (CUDA, MPS) are faster but NOT identical; tf32 "
+                          "(torch on CUDA >= 8.0) allows TensorFloat-32, which fp32 switches off (docs/precision.md). "
+                          "Falls back to fp32 with a warning where the hardware lacks support.",
                           MODEL, choices=list(PRECISIONS))
     max_memory: str = _opt("auto", "Memory budget per image, e.g. 8G, 8GB, 8000M, 12.5G (decimal; 8GiB binary). An "
                            "image whose estimated need exceeds it is segmented in overlapping tiles (fewest that "
@@ -150,11 +159,13 @@ class Options:
     # -- upstream's rules and ours -----------------------------------------------------------------
     def normalised(self) -> Options:
         """The same request in its one canonical form: "--robust" and "--robust --fast" are the same run, and so
-        are "--crop 160" and "--crop 160 160 160"; paths that outlive the working directory become absolute."""
+        are "--crop 160" and "--crop 160 160 160", "--cpu" and "--device cpu"; paths that outlive the working
+        directory become absolute."""
         crop = None if self.crop is None else [int(c) for c in crop_sizes(self.crop)]
         if crop is not None and len(crop) == 1:
             crop = crop * 3
-        return replace(self, fast=self.fast or self.robust, crop=crop,
+        cpu = self.cpu or self.device == "cpu"
+        return replace(self, fast=self.fast or self.robust, crop=crop, cpu=cpu, device="cpu" if cpu else self.device,
                        snapshot=os.path.abspath(self.snapshot) if self.snapshot else None,
                        bids_suffix=list(self.bids_suffix), max_memory=str(self.max_memory))
 
@@ -168,7 +179,8 @@ class Options:
                 raise UsageError(f"--crop takes 1 or 3 sizes, got {len(crop)}")
             if any(not isinstance(c, (int, np.integer)) or c <= 0 for c in crop):
                 raise UsageError(f"--crop sizes must be positive integers, got {self.crop}")
-        for name, allowed in (("bn", BN_FORMS), ("precision", PRECISIONS), ("engine", ENGINES)):
+        for name, allowed in (("bn", BN_FORMS), ("precision", PRECISIONS), ("engine", ENGINES),
+                              ("backend", BACKENDS), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         parse_size(self.max_memory)
@@ -176,6 +188,16 @@ class Options:
             raise UsageError("--keepgeom and --addctab are FreeSurfer 8 options; upstream SynthSeg has neither")
         if self.engine == "upstream" and self.precision != "fp32":
             raise UsageError("--precision is a native-engine option; upstream SynthSeg runs in fp32 only")
+        if self.engine == "upstream" and (self.backend != "tf" or self.device not in ("auto", "cpu")):
+            raise UsageError("--backend and --device are native-engine options; upstream SynthSeg runs TensorFlow "
+                             "(use --cpu to keep it off the GPU)")
+        if self.cpu and self.device not in ("auto", "cpu"):
+            raise UsageError(f"--cpu contradicts --device {self.device}")
+        if self.backend == "tf" and self.device == "mps":
+            raise UsageError("--device mps needs --backend torch (the TF engine reaches Apple GPUs through "
+                             "tensorflow-metal, as --device auto)")
+        if self.backend == "tf" and self.precision == "tf32":
+            raise UsageError("--precision tf32 is a torch-backend option (TensorFlow 2.15 on the CPU has no TF32)")
         if self.engine == "upstream" and str(self.max_memory) != "auto":
             raise UsageError("--max-memory is a native-engine option; upstream SynthSeg has no tiling")
         if self.threads is not None and self.threads < 1:

@@ -57,6 +57,17 @@ FULL_PER_VOXEL_PARC = 290.0  # the stitched parcellation posteriors (69 float32)
 FULL_PER_VOXEL_QC = 4.0      # the stitched hard decision the QC network scores (int32)
 
 
+# GPU runs (torch backend on CUDA/MPS): the budget is the device's free memory and the estimate counts what the
+# networks hold on the device, from the tensors the slab-streamed U-Net keeps (backends/torch/stream.py): the input
+# and its flipped copy, the full-resolution skip (24 float32), the half-resolution one, the posteriors (33 float32)
+# and the windows of 32 rows in flight, rounded up by a third. Not a fit: scripts/gpu_check.sh measures the peak
+# (docs/performance.md). Host memory still holds the posteriors and post-processing (the host check is separate).
+DEVICE_BASE_BYTES = 0.6 * GB
+DEVICE_PER_VOXEL = {"default": 400.0, "fast": 400.0, "robust": 450.0}
+DEVICE_PER_VOXEL_PARC = 420.0   # its posteriors (69 float32) and its own skips
+DEVICE_QC_BYTES = 3.0 * GB      # the QC network on its fixed 224^3 grid, run whole
+
+
 @dataclass
 class Estimate:
     grid: tuple[int, int, int]   # padded 1 mm grid the network will see
@@ -89,10 +100,14 @@ def network_grid(info: ImageInfo, crop: list[int] | None) -> tuple[int, int, int
 
 
 def estimate(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool,
-             qc: bool = False) -> Estimate:
+             qc: bool = False, gpu: bool = False) -> Estimate:
+    """Peak bytes of an untiled run: of the process (CPU), or on the device (``gpu``)."""
     grid = network_grid(info, crop)
     voxels = float(grid[0] * grid[1] * grid[2])
     mode = _mode(fast, robust)
+    if gpu:
+        per_voxel = DEVICE_PER_VOXEL[mode] + (DEVICE_PER_VOXEL_PARC if parc else 0.0)
+        return Estimate(grid, DEVICE_BASE_BYTES + per_voxel * voxels + (DEVICE_QC_BYTES if qc else 0.0))
     per_voxel = PER_VOXEL[mode] + (PER_VOXEL_PARC if parc else 0.0)
     need = (BASE_BYTES + per_voxel * voxels + (QC_BYTES if qc else 0.0)
             + INPUT_COPIES * 8.0 * math.prod(info.shape))
@@ -100,10 +115,14 @@ def estimate(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, 
 
 
 def tiled_need(info: ImageInfo, tiling: tiling_.Tiling, fast: bool, robust: bool, parc: bool,
-               qc: bool = False) -> float:
-    """Peak bytes of a run in ``tiling``'s tiles: one tile's network pass plus what the whole grid holds."""
+               qc: bool = False, gpu: bool = False) -> float:
+    """Peak bytes of a run in ``tiling``'s tiles: one tile's network pass plus what the whole grid holds (on a
+    GPU only the tile's pass: the stitched results live in host memory)."""
     mode = _mode(fast, robust)
     tile, grid = float(math.prod(tiling.tile_shape)), float(math.prod(tiling.grid))
+    if gpu:
+        per_voxel = DEVICE_PER_VOXEL[mode] + (DEVICE_PER_VOXEL_PARC if parc else 0.0)
+        return DEVICE_BASE_BYTES + per_voxel * tile + (DEVICE_QC_BYTES if qc else 0.0)
     per_tile = PER_VOXEL[mode] + (PER_VOXEL_PARC if parc else 0.0)
     per_grid = FULL_PER_VOXEL[mode] + (FULL_PER_VOXEL_PARC if parc else 0.0) + (FULL_PER_VOXEL_QC if qc else 0.0)
     return (BASE_BYTES + per_tile * tile + per_grid * grid + (QC_BYTES if qc else 0.0)
@@ -192,29 +211,40 @@ def budget(max_memory: float | None) -> tuple[float | None, str]:
 
 
 def decide(path: str, info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool,
-           qc: bool = False, max_memory: float | None = None) -> Decision:
+           qc: bool = False, max_memory: float | None = None,
+           device: tuple[float | None, str] | None = None) -> Decision:
     """Untiled when the estimate fits the budget, else the fewest tiles that fit; :class:`MemoryShortage`
-    when even the smallest tiles do not."""
-    room, where = budget(max_memory)
-    est = estimate(info, crop, fast, robust, parc, qc)
+    when even the smallest tiles do not.
+
+    ``device``: a GPU's free memory and its name; the budget is then that memory (or ``--max-memory``) and
+    the estimate the device's share of the run.
+    """
+    gpu = device is not None
+    if gpu and max_memory is None:
+        assert device is not None
+        room, where = device
+    else:
+        room, where = budget(max_memory)
+    est = estimate(info, crop, fast, robust, parc, qc, gpu)
     forced = os.environ.get(ENV_TILES)
     if forced:
         tiles = _forced_tiles(forced, est.grid)
-        return Decision(est, room, where, tiles, tiled_need(info, tiles, fast, robust, parc, qc), forced=True)
+        return Decision(est, room, where, tiles, tiled_need(info, tiles, fast, robust, parc, qc, gpu), forced=True)
     if room is None or est.need <= room:
         return Decision(est, room, where)
-    tiled = tiling_.choose(est.grid, lambda t: tiled_need(info, t, fast, robust, parc, qc), room)
+    tiled = tiling_.choose(est.grid, lambda t: tiled_need(info, t, fast, robust, parc, qc, gpu), room)
     if tiled is not None:
-        return Decision(est, room, where, tiled, tiled_need(info, tiled, fast, robust, parc, qc))
+        return Decision(est, room, where, tiled, tiled_need(info, tiled, fast, robust, parc, qc, gpu))
     grid = "x".join(map(str, est.grid))
     tiles = ""
     if len(tiling_.candidates(est.grid)) > 1:
         least = tiling_.smallest(est.grid)
-        tiles = (f"; about {format_size(tiled_need(info, least, fast, robust, parc, qc))} even in tiles of "
+        tiles = (f"; about {format_size(tiled_need(info, least, fast, robust, parc, qc, gpu))} even in tiles of "
                  f"{'x'.join(map(str, least.tile_shape))}")
     hint = "use --crop (e.g. --crop 160) to segment a centred patch" if crop is None else "use a smaller --crop"
     override = "raise --max-memory" if max_memory is not None else f"set {ENV_OVERRIDE} to override this estimate " \
         "(0 turns the check off)"
     raise MemoryShortage(
-        f"{path}: needs about {format_size(est.need)} of memory (network grid {grid} at 1 mm{tiles}) but only "
+        f"{path}: needs about {format_size(est.need)} of {'GPU ' if gpu else ''}memory (network grid {grid} at 1 mm"
+        f"{tiles}) but only "
         f"{format_size(room)} is available ({where}); {hint}, free memory, or {override}")

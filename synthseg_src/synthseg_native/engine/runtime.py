@@ -22,8 +22,13 @@ class Timings:
 
 @dataclass(frozen=True)
 class Runtime:
-    """How the backend runs in this process: threads in effect, the device's name, the precision granted."""
+    """How the backend runs in this process: threads in effect, the device's name, the precision granted, and for
+    a GPU the memory that bounds an image (``memory.decide``)."""
 
     threads: int
     device: str
     precision: str
+    backend: str = "tf"
+    device_kind: str = "cpu"                 # "cpu", "cuda", "mps": where the networks' tensors live
+    device_memory: float | None = None       # bytes free on a GPU (its memory is the budget); None: host memory
+    device_memory_source: str = "host memory"

@@ -38,10 +38,13 @@ class Segmentation:
     prepared: Prepared               # the network input and the 1 mm image (``prepared.resampled``)
 
 
-def memory_plan(name: str, info: ImageInfo, opts: Options) -> memory.Decision:
-    """Whole or tiled, from the header alone (before the voxels are read); :class:`MemoryShortage` if neither fits."""
+def memory_plan(name: str, info: ImageInfo, opts: Options, predictor: Predictor | None = None) -> memory.Decision:
+    """Whole or tiled, from the header alone (before the voxels are read); :class:`MemoryShortage` if neither fits.
+
+    On a GPU (``predictor.device_memory()``) the budget is the device's free memory."""
+    device = None if predictor is None else predictor.device_memory()
     return memory.decide(name, info, opts.crop, opts.fast, opts.robust, opts.parc, bool(opts.qc),
-                         opts.max_memory_bytes)
+                         opts.max_memory_bytes, device)
 
 
 def segment_image(predictor: Predictor, opts: Options, img: LoadedImage, name: str, decision: memory.Decision,

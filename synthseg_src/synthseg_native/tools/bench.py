@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import logging
 import os
@@ -136,8 +137,9 @@ def resolve_weights(models: str | None, flags: list[str], work: Path) -> tuple[s
 
 
 def engines(image: Path, flags: list[str], threads: int, models: str, work: Path,
-            python: str) -> tuple[list[Engine], dict[str, str]]:
-    """The engines that can run here, and a reason for each one that cannot."""
+            python: str, backends: tuple[str, ...] = ("tf",)) -> tuple[list[Engine], dict[str, str]]:
+    """The engines that can run here, and a reason for each one that cannot: the native engine once per backend
+    (``native`` is the TF backend, ``native-torch`` the PyTorch one), the upstream reference, Docker."""
     out: list[Engine] = []
     skipped: dict[str, str] = {}
     base = ["--i", str(image), "--threads", str(threads), "--models", models, *flags]
@@ -147,7 +149,13 @@ def engines(image: Path, flags: list[str], threads: int, models: str, work: Path
         return Engine(name, [python, "-m", "synthseg_native", *base, "--o", str(folder / "seg.nii.gz"),
                              "--vol", str(folder / "vol.csv"), *extra], {}, folder)
 
-    out.append(cli("native", []))
+    for backend in backends:
+        if backend == "tf":
+            out.append(cli("native", []))
+        elif importlib.util.find_spec(backend) is None:
+            skipped[f"native-{backend}"] = f"{backend} is not installed in this environment (make setup installs it)"
+        else:
+            out.append(cli(f"native-{backend}", ["--backend", backend, "--device", "cpu"]))
     home = os.environ.get("SYNTHSEG_HOME")
     if not home:
         skipped["reference"] = "SYNTHSEG_HOME is not set (an upstream SynthSeg checkout runs the reference engine)"
@@ -326,6 +334,16 @@ def summary_markdown(rows: list[dict], skipped: dict[str, str], facts: dict, pro
     return "\n".join(lines)
 
 
+def other_profile_markdown(name: str, profile: dict) -> str:
+    """The stage breakdown of a second native backend (``native-torch``), beside the first one's."""
+    lines = ["", f"## {name} stage breakdown (one extra run with `--profile`)", "",
+             "| stage | seconds | peak RSS (GB) |", "|---|---|---|"]
+    lines += [f"| {stage} | {v['seconds']:.2f} | {v['peak_rss_gb']:.2f} |" for stage, v in profile["stages"].items()]
+    if "network_gflops" in profile:
+        lines += ["", f"Network: {profile['network_gflop']:.0f} GFLOP, {profile['network_gflops']:.1f} GFLOP/s."]
+    return "\n".join(lines) + "\n"
+
+
 def chart(rows: list[dict], profile: dict, path: Path) -> None:
     import matplotlib
 
@@ -366,6 +384,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="Threads for every engine (default: all cores).")
     p.add_argument("--flags", default="", help="SynthSeg flags for every engine, e.g. '--parc --robust'.")
+    p.add_argument("--backends", default="tf", help="Native backends to time side by side: 'tf', 'torch' or "
+                   "'tf torch' (torch runs --device cpu: the CPU comparison).")
     p.add_argument("--models", help="Weights folder (default: the usual search order, else test weights).")
     p.add_argument("--results", help="Report folder (default: results/<date>-<host>/).")
     p.add_argument("--work", help="Scratch folder for inputs, weights and outputs (default: results/tmp/bench).")
@@ -404,7 +424,11 @@ def bench(args: argparse.Namespace) -> int:
     flags = shlex.split(args.flags)
     threads = args.threads or os.cpu_count() or 1
     models, test_weights = resolve_weights(args.models, flags, work)
-    todo, skipped = engines(image, flags, threads, models, work, python)
+    backends = tuple(args.backends.split())
+    unknown = [b for b in backends if b not in ("tf", "torch")]
+    if unknown or not backends:
+        raise BenchError(f"BACKENDS takes tf and/or torch, not {args.backends!r}")
+    todo, skipped = engines(image, flags, threads, models, work, python, backends)
     for name, why in skipped.items():
         logger.log(SKIP, f"{name}: {why}")
     records = {e.name: work / f"rss-{e.name}.jsonl" for e in todo}
@@ -414,7 +438,9 @@ def bench(args: argparse.Namespace) -> int:
     facts = machine_facts(python)
     logger.info(f"input {image}, {threads} thread(s), weights {models}{' (TEST WEIGHTS)' if test_weights else ''}")
     hf = run_hyperfine(cmds, args.runs, args.warmup, work, res)
-    profile = profile_native(todo[0], work)
+    natives = [e for e in todo if e.name.startswith("native")]
+    profiles = {e.name: profile_native(e, work) for e in natives}
+    profile = profiles[natives[0].name]
     roof = None if args.no_roofline else run_roofline(python, threads, res, args.roofline_size, args.roofline_repeats)
     rows = summarise(hf, {name: read_rss(path) for name, path in records.items()})
     setup = {"date": dt.date.today().isoformat(), "input": str(image), "flags": flags, "threads": threads,
@@ -423,8 +449,11 @@ def bench(args: argparse.Namespace) -> int:
     write_text(res / "machine.json", json.dumps(facts, indent=2) + "\n")
     write_text(res / "profile.json", json.dumps(profile, indent=2) + "\n")
     write_text(res / "summary.json", json.dumps({"setup": setup, "rows": rows, "skipped": skipped,
-                                                 "profile": profile}, indent=2) + "\n")
-    write_text(res / "summary.md", summary_markdown(rows, skipped, facts, profile, roof, setup))
+                                                 "profile": profile, "profiles": profiles}, indent=2) + "\n")
+    text = summary_markdown(rows, skipped, facts, profile, roof, setup)
+    for name, extra in list(profiles.items())[1:]:
+        text += other_profile_markdown(name, extra)
+    write_text(res / "summary.md", text)
     chart(rows, profile, res / "chart.png")
     shutil.rmtree(work / "runs", ignore_errors=True)
     logger.log(DONE, f"benchmark report in {res}/ (summary.md, hyperfine.json, chart.png)")

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from ....config import Options
-from ....errors import WeightsError
+from ....errors import UsageError, WeightsError
 from ... import heads, tiling
 from ... import labels as L
 from ...runtime import Runtime, Timings
@@ -39,6 +39,9 @@ def start(opts: Options) -> Runtime:
     """
     if opts.cpu:
         devices.hide_gpus()
+    elif opts.device in ("cuda", "mps") and not tf.config.list_physical_devices("GPU"):
+        raise UsageError(f"--device {opts.device}: TensorFlow sees no GPU (a CPU-only build, no driver, or "
+                         "CUDA_VISIBLE_DEVICES hides it); --backend torch may see it")
     threads = devices.configure_threads(opts.threads)
     precision = opts.precision
     if precision != "fp32":
@@ -46,7 +49,9 @@ def start(opts: Options) -> Runtime:
         if why:
             logger.warning(f"--precision {precision}: {why}; running in fp32 (identical to upstream)")
             precision = "fp32"
-    return Runtime(threads=threads, device=devices.network_device(), precision=precision)
+    device = devices.network_device()
+    return Runtime(threads=threads, device=device, precision=precision, backend="tf",
+                   device_kind="cpu" if device.startswith("CPU") else ("mps" if devices.is_metal_gpu() else "cuda"))
 
 
 class TFPredictor:
@@ -109,6 +114,10 @@ class TFPredictor:
                 total += conv_flops(self.parc_model, key[:-1] + (3,))
             self._flop_cache[key] = total
         return self._flop_cache[key]
+
+    def device_memory(self) -> tuple[float | None, str] | None:
+        """None: the host's memory bounds a TensorFlow run (its GPU memory use is not modelled)."""
+        return None
 
     def weights_digest(self) -> dict[str, str]:
         return {os.path.basename(p): file_sha256(p) for p in self.weight_paths.values()}
