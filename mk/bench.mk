@@ -16,3 +16,11 @@ bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 
 roofline: $(STAMP) ## Conv3D throughput of this machine, fp32 and bf16/fp16 where supported [THREADS= RESULTS=]
 	@$(PY) -m synthseg_native.tools.roofline $(if $(THREADS),--threads "$(THREADS)") \
 		--out "$(or $(RESULTS),results/$(shell date +%F)-$(shell hostname -s 2>/dev/null || hostname))/roofline.json"
+
+.PHONY: gpu-check-prepare gpu-check
+
+gpu-check-prepare: $(STAMP) ## Prepare the GPU check here: wheels, MNI152 and CPU torch reference in build/gpu_check/ (docs/performance.md)
+	@PYTHON="$(PY)" bash scripts/gpu_check.sh prepare $(if $(THREADS),--threads "$(THREADS)")
+
+gpu-check: ## Run the prepared GPU check (on the GPU machine; DEVICE=cpu tests it here) [SCANS=5 MODES= PRECISIONS=]
+	@bash scripts/gpu_check.sh run

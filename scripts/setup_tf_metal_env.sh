@@ -184,8 +184,10 @@ if [[ "${DRY}" == "1" ]]; then
     "${platform}" "${flavour}" "${python_bin}" "${py_version:-?}" "${venv}" "${action}"
   printf 'PLAN install %s\n' "${packages[*]}"
   if [[ -n "${py_version}" ]]; then
+    tf_gpu=""  # tensorflow[and-cuda] belongs to the TF backend only; torch's CUDA wheel is the PyPI default
+    [[ "${BACKEND}" == torch ]] || tf_gpu="${gpu}"
     PYTHONPATH="${PROJECT_ROOT}/synthseg_src" "${python_bin}" -m synthseg_native.tools.platforms "${REQUIREMENTS}" \
-      "${platform}" --python "${py_version}" ${gpu:+--gpu "${gpu}"}
+      "${platform}" --python "${py_version}" ${tf_gpu:+--gpu "${tf_gpu}"}
   fi
   exit 0
 fi

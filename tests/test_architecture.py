@@ -16,7 +16,7 @@ PACKAGE = ROOT / "synthseg_src" / "synthseg_native"
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 # Imported where they are used, so that `import synthseg_native`, --help and the tools stay fast, and
 # TensorFlow is imported only after its environment is set (backends/tf/devices.prepare_tensorflow).
-HEAVY = ("tensorflow", "keras", "matplotlib", "nilearn", "tqdm", "synthseg_native.engine.backends")
+HEAVY = ("tensorflow", "keras", "torch", "matplotlib", "nilearn", "tqdm", "synthseg_native.engine.backends")
 
 
 def function_level_imports(path: Path) -> list[tuple[int, str]]:

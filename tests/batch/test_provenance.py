@@ -73,7 +73,8 @@ def test_threads_touch_and_moved_weights_do_not_invalidate(run):
     (lambda r: (r["dir"] / "in.nii.gz").write_bytes(b"longer image"), "input changed (size differs)"),
     (lambda r: (r["dir"] / "models" / "synthseg_2.0.h5").write_bytes(b"weights v2"), "weights changed"),
     (lambda r: r["args"].extend(["--crop", "64"]), "flags changed (crop)"),
-    (lambda r: r["args"].append("--cpu"), "flags changed (cpu)"),
+    (lambda r: r["args"].append("--cpu"), "flags changed (cpu, device)"),  # --cpu is --device cpu
+    (lambda r: r["args"].extend(["--backend", "torch"]), "flags changed (backend)"),
     (lambda r: r["args"].extend(["--bn", "unfused"]), "flags changed (bn)"),
     (lambda r: r["args"].extend(["--post", str(r["dir"] / "out" / "p.nii.gz")]), "requested outputs differ"),
     (lambda r: r["vol"].unlink(), "output missing"),

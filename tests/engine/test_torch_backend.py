@@ -67,13 +67,20 @@ def test_with_context_gives_neighbour_rows():
     assert got[1][2].flatten().tolist() == [2.0, 3.0] and got[1][4].flatten().tolist() == [8.0, 9.0]
 
 
-def test_blur_kernel_matches_tensorflow():
+def test_separable_blur_is_upstreams_3d_gaussian():
+    """The three 1-D passes against TensorFlow's 27-tap kernel (the TF backend's, upstream's), also at edges."""
     from synthseg_native.engine.backends.tf.blur import blur_kernel
 
-    ours = network.blur_kernel(0.5).numpy()
     theirs = blur_kernel(0.5).numpy()[..., 0, 0]
-    assert ours.shape == (3, 3, 3)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-7)
+    taps = network.blur_taps(0.5)
+    assert len(taps) == 3 and abs(sum(taps) - 1) < 1e-7
+    np.testing.assert_allclose(np.einsum("i,j,k->ijk", taps, taps, taps), theirs, rtol=0, atol=2e-7)
+    x = torch.rand(1, 4, 9, 7, 5, generator=torch.Generator().manual_seed(0))
+    weight = torch.as_tensor(theirs)[None, None].expand(4, 1, -1, -1, -1)
+    direct = torch.nn.functional.conv3d(x, weight, padding=1, groups=4)
+    assert float((network.blur(x, taps) - direct).abs().max()) < 1e-6
+    cl = x.contiguous(memory_format=torch.channels_last_3d)  # the layout the backend runs in on CPU/CUDA
+    assert torch.equal(network.blur(cl, taps), network.blur(x, taps))
 
 
 # -- the networks against the TF backend's, from the same .h5 files --------------------------------------------------
@@ -228,8 +235,12 @@ def test_torch_run_agrees_with_tf(weights, inputs, tmp_path, flags):
 
 def test_torch_run_in_tiles(weights, inputs, tmp_path, monkeypatch):
     models = weights.need("seg2")
-    monkeypatch.setenv(memory.ENV_TILES, "2x1x1")
-    found = compare_runs(tmp_path, models, inputs["ras"], ["--crop", "96", "64", "64"])
+    from synthseg_native.engine import tiling
+
+    monkeypatch.setattr(tiling, "OVERLAP", 32)  # tiles small enough for a test grid, as test_tiling does
+    monkeypatch.setattr(tiling, "MIN_TILE", 96)
+    monkeypatch.setenv(memory.ENV_TILES, "1x2x1")  # two tiles of 128x96x128 of the 128^3 grid
+    found = compare_runs(tmp_path, models, inputs["ras"], ["--fast"])
     assert found["voxels"] <= 1e-4 and found["post"] <= 2e-4 and found["post_far"] <= 1e-5, found
 
 
@@ -249,4 +260,22 @@ print(json.dumps({{"rc": result.exit_code, "tf": sorted(m for m in sys.modules i
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"rc": 0, "tf": []}
-    assert "(torch backend)" in proc.stderr and (tmp_path / "seg.nii.gz").is_file()
+    assert "(torch backend)" in proc.stdout and (tmp_path / "seg.nii.gz").is_file()
+
+
+def test_torch_bf16_on_cpu_runs_and_stays_close(weights, inputs, tmp_path):
+    """--precision bf16 through autocast where the CPU has it (else the fallback is what runs: fp32)."""
+    from synthseg_native.engine.machine import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no AVX512-BF16/AMX: bf16 falls back to fp32 (tested in test_start_on_cpu...)")
+    models = weights.need("seg2")
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        d = tmp_path / precision
+        d.mkdir()
+        assert run("--i", inputs["ras"], "--o", d / "seg.nii.gz", "--vol", d / "vol.csv", "--models", models,
+                   "--backend", "torch", "--device", "cpu", "--precision", precision, *CROP) == 0
+        runs[precision] = np.asanyarray(nib.load(str(d / "seg.nii.gz")).dataobj)
+    differ = float((runs["fp32"] != runs["bf16"]).mean())
+    assert 0.0 < differ < 0.05, differ  # reduced precision really ran (not fp32 again), and is still close

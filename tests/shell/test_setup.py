@@ -21,7 +21,7 @@ from synthseg_native.tools import platforms
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "scripts" / "setup_tf_metal_env.sh"
-KNOBS = ("GPU", "FORCE", "PYTHON", "DRY_RUN", "VENV", "SETUP_UNAME_S", "SETUP_UNAME_M")
+KNOBS = ("GPU", "FORCE", "PYTHON", "DRY_RUN", "VENV", "SETUP_UNAME_S", "SETUP_UNAME_M", "BACKEND", "TORCH_CPU_INDEX")
 
 
 def setup(env: dict[str, str], dry: bool = True) -> subprocess.CompletedProcess:
@@ -35,7 +35,7 @@ def planned(out: str) -> set[str]:
 
 
 def plan(out: str) -> dict[str, str]:
-    line = next(x for x in out.splitlines() if x.startswith("PLAN platform="))
+    line = next(x for x in out.splitlines() if x.startswith("PLAN backend="))
     return dict(item.split("=", 1) for item in line.split()[1:])
 
 
@@ -61,7 +61,11 @@ def test_platform_plan(uname, gpu, flavour, metal):
     assert plan(r.stdout)["platform"] in platforms.MARKER_ENV
     assert plan(r.stdout)["version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
     packages = planned(r.stdout)
-    assert {"tensorflow==2.15.1", "keras==2.15.0", "numpy==1.26.4"} <= packages
+    assert {"tensorflow==2.15.1", "keras==2.15.0", "numpy==1.26.4", "torch==2.13.0"} <= packages
+    install = next(x for x in r.stdout.splitlines() if x.startswith("PLAN install"))
+    # Linux CPU: torch's CPU wheels (PyPI's Linux wheel is the CUDA build); GPU=cuda and macOS: PyPI's
+    assert ("--extra-index-url https://download.pytorch.org/whl/cpu" in install) is (
+        uname[0] == "Linux" and flavour == "cpu")
     assert ("tensorflow-metal==1.1.0" in packages) is metal
     assert ("tensorflow[and-cuda]==2.15.1" in packages) is (flavour == "cuda")
     assert "[RUN ]" not in r.stdout and "[DONE]" not in r.stdout  # a dry run installs nothing
@@ -255,3 +259,54 @@ def test_gitignore_keeps_committed_results():
 
     assert ignored(".venv/bin/python") and ignored("results/demo/seg.nii.gz") and ignored("models/x.h5")
     assert not ignored("results/2026-01-01-host/bench.json")
+
+
+# --- BACKEND=torch: no TensorFlow, numpy 2, Python 3.10-3.13 -----------------------------------------------------
+
+def version_faking_python(folder: Path, version: str) -> Path:
+    """Says it is Python ``version`` when the setup asks, and is the real interpreter for everything else (the
+    dry run's package list)."""
+    fake = folder / f"python{version}"
+    fake.write_text(f"""#!/usr/bin/env bash
+case "$*" in *version_info*) echo {version}; exit 0 ;; esac
+exec "{sys.executable}" "$@"
+""")
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("uname, gpu", [(("Linux", "x86_64"), ""), (("Linux", "x86_64"), "cuda"),
+                                        (("Darwin", "arm64"), "")])
+def test_torch_backend_plan(uname, gpu, tmp_path):
+    r = setup({"BACKEND": "torch", "PYTHON": str(version_faking_python(tmp_path, "3.12")), "SETUP_UNAME_S": uname[0],
+               "SETUP_UNAME_M": uname[1], "GPU": gpu})
+    assert r.returncode == 0, r.stderr
+    facts = plan(r.stdout)
+    assert facts["backend"] == "torch" and facts["version"] == "3.12" and facts["venv"].endswith("/.venv-torch")
+    packages = planned(r.stdout)
+    assert {"torch==2.13.0", "numpy==2.2.6", "nibabel==5.3.2", "h5py==3.13.0", "scipy==1.15.3"} <= packages
+    assert not any(p.startswith(("tensorflow", "keras")) for p in packages)
+    install = next(x for x in r.stdout.splitlines() if x.startswith("PLAN install"))
+    assert ("download.pytorch.org/whl/cpu" in install) is (uname[0] == "Linux" and not gpu)
+    assert "tensorflow[and-cuda]" not in install
+
+
+@pytest.mark.parametrize("version, ok", [("3.9", False), ("3.10", True), ("3.13", True), ("3.14", False)])
+def test_torch_backend_pythons(tmp_path, version, ok):
+    r = setup({"BACKEND": "torch", "PYTHON": str(fake_python(tmp_path, version))})
+    if ok:
+        assert r.returncode == 0 and plan(r.stdout)["version"] == version, r.stderr
+    else:
+        assert "the torch environment supports Python 3.10-3.13" in one_error(r)
+
+
+def test_unknown_backend_is_one_error_line():
+    r = setup({"BACKEND": "jax"})
+    assert one_error(r) == "[ERR] BACKEND=jax is not a backend: use BACKEND=tf (default) or BACKEND=torch"
+
+
+def test_torch_requirements_are_pinned_and_numpy_2():
+    pins = {Requirement(x.split("#")[0]).name: Requirement(x.split("#")[0]).specifier
+            for x in (ROOT / "requirements-torch.txt").read_text().splitlines() if x.split("#")[0].strip()}
+    assert all(str(spec).startswith("==") for spec in pins.values()), pins
+    assert pins["numpy"].contains("2.2.6") and "tensorflow" not in pins and "torch" in pins

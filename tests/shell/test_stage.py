@@ -129,7 +129,7 @@ def test_output_naming(tmp_path, out, seg):
 @pytest.mark.parametrize("env, message", [
     ({}, "[ERR] no input given and DATA_ROOT/SID are not set"),
     ({"ENGINE": "docker"}, "[ERR] ENGINE must be native or upstream, not 'docker'"),
-    ({"DEVICE": "tpu"}, "[ERR] DEVICE must be auto, cpu or gpu, not 'tpu'"),
+    ({"DEVICE": "tpu"}, "[ERR] DEVICE must be auto, cpu, gpu, cuda or mps, not 'tpu'"),
 ])
 def test_bad_settings_are_one_err_line(tmp_path, env, message):
     proc = stage(*([] if not env else [tmp_path / "x.nii.gz"]), tmp_path=tmp_path, **env)

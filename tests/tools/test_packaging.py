@@ -34,6 +34,8 @@ def installed(tmp_path_factory) -> Path:
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "project-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # The venv's bundled setuptools (65 on Python 3.11) would shadow the project's, which torch needs >= 77 of.
+    subprocess.run([str(py), "-m", "pip", "uninstall", "--quiet", "--yes", "setuptools"], check=True, timeout=300)
     proc = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
                            "--no-build-isolation", str(src)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -79,3 +81,50 @@ def test_installed_commands_and_api_work_outside_the_tree(installed, weights, in
             "print('same labels')\n")
     api = run(installed, installed / "bin" / "python", "-c", code, cwd=tmp_path)
     assert api.returncode == 0 and "same labels" in api.stdout, api.stdout + api.stderr
+
+
+def python312() -> str | None:
+    """A working Python 3.12 interpreter, if this machine has one (pyenv's shims exist without the version)."""
+    pyenv = sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))
+    candidates = [shutil.which("python3.12"), *pyenv]
+    for candidate in filter(None, candidates):
+        proc = subprocess.run([candidate, "-c", "import sys, venv; print(sys.version_info[:2] == (3, 12))"],
+                              capture_output=True, text=True)
+        if proc.returncode == 0 and proc.stdout.strip() == "True":
+            return candidate
+    return None
+
+
+def test_torch_extra_on_python312_without_tensorflow(weights, inputs, tmp_path):
+    """``pip install .[torch]`` on a fresh Python 3.12 venv, dependencies resolved for real: numpy 2, PyTorch, no
+    TensorFlow; the torch backend segments, the tf backend is refused with one clear line."""
+    py312 = python312()
+    if py312 is None:
+        pytest.skip("no Python 3.12 interpreter on this machine")
+    models = weights.need("seg2")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "synthseg_src", src / "synthseg_src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    venv = tmp_path / "venv312"
+    subprocess.run([py312, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    proc = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                           f"{src}[torch]"], capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = run(venv, py, "-m", "pip", "check", cwd=tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    facts = run(venv, py, "-c", "import importlib.util as u, numpy, torch; "
+                "print(numpy.__version__, u.find_spec('tensorflow') is None)", cwd=tmp_path)
+    numpy_version, no_tf = facts.stdout.split()
+    assert int(numpy_version.split(".")[0]) >= 2 and no_tf == "True", facts.stdout + facts.stderr
+    seg = run(venv, venv / "bin" / "synthseg-native", "--i", inputs["anatomical"], "--o", tmp_path / "seg.nii.gz",
+              "--vol", tmp_path / "vol.csv", "--fast", "--backend", "torch", "--device", "cpu", "--models", models,
+              cwd=tmp_path)
+    assert seg.returncode == 0 and "[DONE]" in seg.stdout and "(torch backend)" in seg.stdout, seg.stdout + seg.stderr
+    refused = run(venv, venv / "bin" / "synthseg-native", "--i", inputs["anatomical"], "--o", tmp_path / "x.nii.gz",
+                  "--models", models, cwd=tmp_path)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
+        "[ERR] the tf backend needs TensorFlow, which this environment lacks (built with BACKEND=torch, or Python "
+        ">= 3.12): add --backend torch"], refused.stdout + refused.stderr

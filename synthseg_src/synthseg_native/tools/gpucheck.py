@@ -10,8 +10,10 @@ Two steps, on two machines:
   ``--scans`` scans in a row (segment and write, as a batch does), the GPU's peak memory, where the time went,
   and the agreement with the CPU reference. One ``summary.json`` and ``summary.md`` in ``--out``.
 
-Weights: ``--models`` when given, else seeded test weights generated in place (``tools.testweights``: h5py and
-numpy only), the same on both machines, so the results are comparable but anatomically meaningless.
+Weights: ``--models`` when given (official weights, present on both machines), else seeded test weights: the
+reference step generates them (``tools.testweights``, which calibrates with TensorFlow) and keeps only their
+recipes (``recipes/``, ~100 kB each, ``tools.weightrecipe``); the run step rebuilds the same arrays bit for bit
+from them with numpy and h5py. Results are then comparable, but anatomically meaningless.
 """
 
 from __future__ import annotations
@@ -31,30 +33,49 @@ import numpy as np
 
 from ..api import Segmenter, save
 from ..config.sizes import format_size
+from ..engine.backends.tf.devices import prepare_tensorflow
 from ..engine.weights import MODEL_FILES
+from ..errors import WeightsError
 from ..io.atomic import write_text
 from ..log import DONE, RUN
+from . import weightrecipe
+from .testweights import generate
 
 logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
 MODES = {"default": {}, "fast": {"fast": True}, "robust": {"robust": True}, "parcqc": {"parc": True, "qc": True}}
+RECIPES = "recipes"  # folder of the reference: the test weights as tools.weightrecipe recipes
 STRIDE = 5  # posterior sample: every 5th voxel along each axis (1/125 of them)
 
 
-def weights_for(models: str | None, work: Path, modes: list[str]) -> str:
-    """``models``, or a folder of seeded test weights for every network ``modes`` need."""
+def keys_for(modes: list[str]) -> list[str]:
+    """The networks (keys of ``MODEL_FILES``) that ``modes`` run."""
+    return sorted({k for m in modes for k in {"robust": ["robust"], "parcqc": ["seg2", "parc", "qc"]}.get(m, ["seg2"])})
+
+
+def reference_weights(models: str | None, out: Path, work: Path, modes: list[str]) -> str:
+    """``models``, or seeded test weights generated into ``work`` with their recipes in ``out/recipes`` (the
+    files themselves are too big to carry, and the GPU machine cannot generate them: no TensorFlow there)."""
     if models:
         return models
-    from .testweights import generate
+    prepare_tensorflow()
+    generate(work, seed=0, only=keys_for(modes), recipes=out / RECIPES)
+    return str(work)
 
-    folder = work / "weights"
-    keys = sorted({k for m in modes for k in ({"robust": ["robust"], "parcqc": ["seg2", "parc", "qc"]}
-                                            .get(m, ["seg2"]))})
-    missing = [k for k in keys if not (folder / MODEL_FILES[k]).is_file()]
+
+def run_weights(models: str | None, ref_dir: Path, work: Path, modes: list[str]) -> str:
+    """``models``, or the reference's test weights rebuilt from their recipes (bit-identical, or an error)."""
+    if models:
+        return models
+    recipes = ref_dir / RECIPES
+    missing = [k for k in keys_for(modes)
+               if not (recipes / f"{MODEL_FILES[k]}{weightrecipe.RECIPE_SUFFIX}").is_file()]
     if missing:
-        folder.mkdir(parents=True, exist_ok=True)
-        generate(folder, seed=0, only=missing)
-    return str(folder)
+        raise WeightsError(f"{recipes}: no recipe for {', '.join(MODEL_FILES[k] for k in missing)}; run the "
+                           "reference step with these modes, or pass --models")
+    rebuilt = weightrecipe.rebuild_all(recipes, work)
+    logger.info(f"test weights rebuilt from {recipes}/ ({len(rebuilt)} files, arrays identical to the reference's)")
+    return str(work)
 
 
 def sample(post: np.ndarray) -> np.ndarray:
@@ -75,23 +96,31 @@ def reference(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image = Path(args.image)
-    if args.copy_image:
+    if args.copy_image and (out / image.name).resolve() != image.resolve():
         shutil.copy(image, out / image.name)
-    models = weights_for(args.models, out, args.modes)
+    work = Path(tempfile.mkdtemp(prefix="gpucheck-weights-"))
+    try:
+        models = reference_weights(args.models, out, work, args.modes)
+        reference_runs(args, image, models, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from ..engine.backends.torch import devices  # heavy: imports PyTorch (loaded by the runs above)
+
+    facts = {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+             "torch": devices.version(), "image": image.name, "crop": args.crop, "modes": args.modes,
+             "test_weights": not args.models}
+    write_text(out / "reference.json", json.dumps(facts, indent=2) + "\n")
+    logger.log(DONE, f"reference in {out}/ ({', '.join(f'ref-{m}.npz' for m in args.modes)})")
+    return 0
+
+
+def reference_runs(args: argparse.Namespace, image: Path, models: str, out: Path) -> None:
     for mode in args.modes:
         logger.log(RUN, f"CPU reference, {mode}")
         with Segmenter(backend="torch", device="cpu", models=models, threads=args.threads, crop=args.crop,
                        **MODES[mode]) as seg:
             found = outputs(seg.segment_image(str(image), posteriors=True))
         np.savez_compressed(out / f"ref-{mode}.npz", **found)
-    import torch
-
-    facts = {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-             "torch": torch.__version__, "image": image.name, "crop": args.crop, "modes": args.modes,
-             "test_weights": not args.models}
-    write_text(out / "reference.json", json.dumps(facts, indent=2) + "\n")
-    logger.log(DONE, f"reference in {out}/ ({', '.join(f'ref-{m}.npz' for m in args.modes)})")
-    return 0
 
 
 def agreement(found: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
@@ -105,15 +134,13 @@ def agreement(found: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..engine.backends.torch import devices
+    from ..engine.backends.torch import devices  # heavy: imports PyTorch
 
     ref_dir, out = Path(args.ref), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image = Path(args.image) if args.image else ref_dir / json.loads((ref_dir / "reference.json").read_text())["image"]
     facts = json.loads((ref_dir / "reference.json").read_text())
-    models = weights_for(args.models, Path(tempfile.mkdtemp(prefix="gpucheck-")), args.modes)
+    models = run_weights(args.models, ref_dir, Path(tempfile.mkdtemp(prefix="gpucheck-weights-")), args.modes)
     device = devices.pick(args.device)
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="gpucheck-out-"))
@@ -121,9 +148,7 @@ def run(args: argparse.Namespace) -> int:
         ref = dict(np.load(ref_dir / f"ref-{mode}.npz"))
         for precision in args.precisions:
             logger.log(RUN, f"{mode}, {precision} on {device}")
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            devices.reset_peak_memory(device)
             t0 = time.perf_counter()
             with Segmenter(backend="torch", device=device, precision=precision, models=models, threads=args.threads,
                            crop=facts.get("crop"), **MODES[mode]) as seg:
@@ -151,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(scratch, ignore_errors=True)
     summary = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "device": devices.describe(device),
-               "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+               "python": platform.python_version(), "torch": devices.version(), "numpy": np.__version__,
                "image": str(image), "scans": args.scans, "reference": facts, "rows": rows}
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_text(out / "summary.md", markdown(summary))

@@ -24,6 +24,7 @@ from ..engine.backends.tf.devices import prepare_tensorflow
 from ..engine.preprocess import rescale
 from ..engine.weights import MODEL_FILES, write_weights
 from ..log import DONE
+from . import weightrecipe
 
 logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
@@ -86,7 +87,7 @@ def pseudo_parcels(seg: np.ndarray) -> np.ndarray:
     return out
 
 
-def _qc_stage(x: np.ndarray, rng: np.random.RandomState):
+def _qc_stage(x: np.ndarray, rng: np.random.RandomState, draws: weightrecipe.Draws | None = None):
     """QC encoder with calibrated BatchNorm; the last conv is set so scores sit inside (0, 1)."""
     from ..engine.backends.tf.network import qc_model  # imports TensorFlow: after prepare_tensorflow()
 
@@ -96,7 +97,7 @@ def _qc_stage(x: np.ndarray, rng: np.random.RandomState):
     n_groups = len(np.unique(ls.qc_groups))
     inp = np.eye(n_groups, dtype=np.float32)[groups][np.newaxis]
     model = qc_model(n_groups)
-    _init_random(model, rng)
+    _init_random(model, rng, draws)
     _calibrate_bn(model, inp, rng)
     final = model.get_layer("qc_final_conv_1")
     k = final.kernel.shape
@@ -105,14 +106,16 @@ def _qc_stage(x: np.ndarray, rng: np.random.RandomState):
     return model
 
 
-def _init_random(model, rng: np.random.RandomState) -> None:
+def _init_random(model, rng: np.random.RandomState, draws: weightrecipe.Draws | None = None) -> None:
+    """He-normal kernels, small biases, BatchNorm near identity; ``draws`` records how each kernel was drawn
+    (``tools.weightrecipe``: the files rebuilt elsewhere without TensorFlow)."""
     import tensorflow as tf
 
     for layer in model.layers:
         if isinstance(layer, tf.keras.layers.Conv3D):
-            k = layer.kernel.shape
+            k = tuple(layer.kernel.shape)
             fan_in = int(np.prod(k[:-1]))
-            layer.set_weights([rng.normal(0, np.sqrt(2.0 / fan_in), k).astype(np.float32),
+            layer.set_weights([weightrecipe.normal(rng, np.sqrt(2.0 / fan_in), k, draws, f"{layer.name}/kernel"),
                                rng.normal(0, 0.02, k[-1]).astype(np.float32)])
         elif isinstance(layer, tf.keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
@@ -171,7 +174,7 @@ def _arrays(model) -> dict[str, dict[str, np.ndarray]]:
 
 
 def _stage(x: np.ndarray, prefix: str, n_out: int, target: np.ndarray, rng: np.random.RandomState,
-           conv_size: int = 3, n_features: int = 24, skip_n: int = 0):
+           conv_size: int = 3, n_features: int = 24, skip_n: int = 0, draws: weightrecipe.Draws | None = None):
     """Build, randomise and calibrate one U-Net; returns the Keras model."""
     import tensorflow as tf
 
@@ -180,7 +183,7 @@ def _stage(x: np.ndarray, prefix: str, n_out: int, target: np.ndarray, rng: np.r
     inp = tf.keras.layers.Input(shape=[None, None, None, x.shape[-1]])
     model = tf.keras.Model(inp, unet(inp, prefix, n_out, conv_size=conv_size, n_features=n_features,
                                      skip_n=skip_n))
-    _init_random(model, rng)
+    _init_random(model, rng, draws)
     _calibrate_bn(model, x, rng)
     _fit_final(model, prefix, x, target, n_out, rng)
     return model
@@ -197,8 +200,9 @@ def _channel_index(values: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 
 def generate(out_dir: str | Path, seed: int = 0, layout: str = "model",
-             only: list[str] | None = None) -> dict[str, Path]:
-    """Write the requested model files (keys of ``MODEL_FILES``) into ``out_dir``."""
+             only: list[str] | None = None, recipes: str | Path | None = None) -> dict[str, Path]:
+    """Write the requested model files (keys of ``MODEL_FILES``) into ``out_dir``; with ``recipes``, also each
+    file's ``tools.weightrecipe`` recipe there (``<file>.recipe.npz``)."""
     import tensorflow as tf
 
     out = Path(out_dir)
@@ -209,35 +213,41 @@ def generate(out_dir: str | Path, seed: int = 0, layout: str = "model",
     for key in which:
         tf.keras.backend.clear_session()
         rng = np.random.RandomState(seed + sum(map(ord, key)))
+        draws: weightrecipe.Draws = {}
         arrays: dict[str, dict[str, np.ndarray]] = {}
         if key in ("seg2", "seg1"):
             ls = L.LabelSet.build(v1=key == "seg1")
             target = _channel_index(pseudo_segmentation(x, ls.v1), ls.labels)
-            arrays = _arrays(_stage(x, "unet", len(ls.labels), target, rng))
+            arrays = _arrays(_stage(x, "unet", len(ls.labels), target, rng, draws=draws))
         elif key == "robust":
             ls = L.LabelSet.build(False)
             seg = pseudo_segmentation(x)
             groups = L.raw_denoiser_groups()[np.unique(L.raw_segmentation_labels(), return_index=True)[1]]
             group_target = groups[_channel_index(seg, ls.labels)]
             n_groups = len(L.denoiser_groups())
-            m1 = _stage(x, "unet", n_groups, group_target, rng)
+            m1 = _stage(x, "unet", n_groups, group_target, rng, draws=draws)
             x2 = _one_hot_argmax(m1, x, n_groups)
-            m2 = _stage(x2, "l2l", n_groups, group_target, rng, conv_size=5, n_features=16, skip_n=2)
+            m2 = _stage(x2, "l2l", n_groups, group_target, rng, conv_size=5, n_features=16, skip_n=2, draws=draws)
             x3 = np.concatenate([x, _one_hot_argmax(m2, x2, n_groups)], axis=-1)
-            m3 = _stage(x3, "unet2", len(ls.labels), _channel_index(seg, ls.labels), rng)
+            m3 = _stage(x3, "unet2", len(ls.labels), _channel_index(seg, ls.labels), rng, draws=draws)
             for m in (m1, m2, m3):
                 arrays.update(_arrays(m))
         elif key == "parc":
             seg = pseudo_segmentation(x)
             cortex = np.isin(seg, [3, 42])
             inp = np.concatenate([x, np.eye(2, dtype=np.float32)[cortex.astype(np.int64)][np.newaxis]], axis=-1)
-            arrays = _arrays(_stage(inp, "unet_parc", len(L.parcellation_labels()), pseudo_parcels(seg), rng))
+            arrays = _arrays(_stage(inp, "unet_parc", len(L.parcellation_labels()), pseudo_parcels(seg), rng,
+                                    draws=draws))
         elif key == "qc":
-            arrays = _arrays(_qc_stage(x, rng))
+            arrays = _arrays(_qc_stage(x, rng, draws))
         else:
             raise ValueError(f"unknown model key {key!r}; choose from {sorted(MODEL_FILES)}")
         path = out / MODEL_FILES[key]
         write_weights(path, arrays, layout=layout, test_seed=seed)
+        if recipes is not None:
+            Path(recipes).mkdir(parents=True, exist_ok=True)
+            weightrecipe.write(Path(recipes) / f"{MODEL_FILES[key]}{weightrecipe.RECIPE_SUFFIX}", path, draws,
+                               layout, seed)
         written[key] = path
     return written
 

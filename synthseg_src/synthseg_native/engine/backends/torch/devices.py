@@ -17,6 +17,14 @@ from ...machine import cpu_has_bf16, cpu_model
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def memory_format(device: str) -> torch.memory_format:
+    """How the networks' 5-D tensors are laid out: channels last (NDHWC) on CPU and CUDA, where oneDNN's and
+    cuDNN's 3-D convolutions run 1.3-1.8x faster that way than channels first (measured here on the U-Net's
+    full-resolution shapes, docs/performance.md); channels first on MPS, whose NDHWC Conv3D support is not one
+    this project could check on a Mac."""
+    return torch.contiguous_format if device == "mps" else torch.channels_last_3d
+
+
 def available() -> list[str]:
     """Devices this PyTorch build can use here, best first ("cuda", "mps", "cpu")."""
     found = []
@@ -96,6 +104,17 @@ def free_memory(device: str) -> tuple[float | None, str]:
         if recommended is not None:
             return float(recommended() - torch.mps.current_allocated_memory()), "Metal's recommended working set"
     return None, "host memory"
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak for :func:`peak_memory` (CUDA: cached blocks released first, so the peak is this run's)."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def version() -> str:
+    return str(torch.__version__)
 
 
 def peak_memory(device: str) -> int | None:

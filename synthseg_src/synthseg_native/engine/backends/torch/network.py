@@ -263,14 +263,33 @@ def conv_flops(model: nn.Module, grid: tuple[int, int, int]) -> int:
     return total
 
 
-def blur_kernel(sigma: float) -> torch.Tensor:
-    """Upstream's 3-D Gaussian (window 2*ceil(2.5 sigma / 2) + 1), with the float32 steps of its TensorFlow code:
-    exp of the summed per-axis log-densities, normalised to sum 1; shape (k, k, k)."""
+def blur_taps(sigma: float) -> list[float]:
+    """The 1-D factor of upstream's 3-D Gaussian (window 2*ceil(2.5 sigma / 2) + 1 = 3 taps for sigma 0.5): the
+    float32 density normalised to sum 1. Upstream's kernel, exp of the summed per-axis log-densities normalised
+    as a whole, is their outer product to within 1.2e-7 (tested), so the blur runs as three 1-D passes of 3 taps
+    instead of one 27-tap depthwise convolution, which PyTorch's CPU and MPS kernels run slowly."""
     window = int(np.int32(np.ceil(2.5 * sigma) / 2) * 2 + 1)
-    sig = torch.tensor(float(sigma), dtype=torch.float32)
-    grid = torch.meshgrid(*[torch.arange(window, dtype=torch.float32)] * 3, indexing="ij")
     centre = (window - 1) / 2
-    norms = [-torch.square(g - centre) / (2 * sig ** 2) - torch.log(np.float32(np.sqrt(2 * np.pi)) * sig)
-             for g in grid]
-    kernel = torch.exp(norms[0] + norms[1] + norms[2])
-    return kernel / kernel.sum()
+    x = torch.arange(window, dtype=torch.float32)
+    sig = torch.tensor(float(sigma), dtype=torch.float32)
+    taps = torch.exp(-torch.square(x - centre) / (2 * sig ** 2) - torch.log(np.float32(np.sqrt(2 * np.pi)) * sig))
+    return [float(t) for t in taps / taps.sum()]
+
+
+def blur(x: torch.Tensor, taps: list[float], dims: tuple[int, ...] = (2, 3, 4)) -> torch.Tensor:
+    """Separable "same" filter of ``x`` along ``dims`` with zeros beyond the edges (as the convolution's zero
+    padding): per dimension, the weighted sum of the shifted tensor, in place on one new tensor per pass."""
+    half = len(taps) // 2
+    for d in dims:
+        n = x.shape[d]
+        y = x * taps[half]
+        for k, w in enumerate(taps):
+            shift = k - half
+            if shift == 0 or abs(shift) >= n:
+                continue
+            if shift < 0:  # y[i] += w * x[i + shift]
+                y.narrow(d, -shift, n + shift).add_(x.narrow(d, 0, n + shift), alpha=w)
+            else:
+                y.narrow(d, 0, n - shift).add_(x.narrow(d, shift, n - shift), alpha=w)
+        x = y
+    return x

@@ -59,6 +59,7 @@ class TorchPredictor:
         t0 = time.perf_counter()
         self.opts, self.runtime = opts, runtime
         self.device = torch.device(runtime.device_kind)
+        self.layout = devices.memory_format(self.device.type)
         self.slab = 32
         self.labels = L.LabelSet.build(opts.v1)
         key = opts.segmentation_model
@@ -71,8 +72,7 @@ class TorchPredictor:
             self.model = self._load(key, network.Robust(n_labels, len(L.denoiser_groups())))
         else:
             self.model = self._load(key, network.UNet("unet", 1, n_labels))
-        kernel = network.blur_kernel(SIGMA_POSTERIORS).to(self.device)
-        self.kernel = kernel[None, None]
+        self.taps = network.blur_taps(SIGMA_POSTERIORS)
         self.parc_model = self.qc_model = None
         if opts.parc:
             self.parc_model = self._load("parc", network.UNet("unet_parc", 3, len(L.parcellation_labels())))
@@ -89,7 +89,7 @@ class TorchPredictor:
         path = find_weights(MODEL_FILES[key], self.opts.models)
         self.weight_paths[key] = path
         network.load_arrays(model, read_weights(path), path)
-        return model.to(self.device).eval()
+        return model.to(self.device, memory_format=self.layout).eval()
 
     # -- the protocol ------------------------------------------------------------------------------
     def network_flop(self, shape: tuple[int, ...]) -> int:
@@ -153,8 +153,9 @@ class TorchPredictor:
                     yield
 
     def _upload(self, image: np.ndarray) -> torch.Tensor:
-        """(1, X, Y, Z, C) numpy -> (1, C, X, Y, Z) on the device."""
-        return torch.as_tensor(np.ascontiguousarray(np.moveaxis(image, -1, 1)), device=self.device)
+        """(1, X, Y, Z, C) numpy -> (1, C, X, Y, Z) on the device, in the networks' memory layout."""
+        x = torch.as_tensor(np.ascontiguousarray(image), device=self.device).permute(0, 4, 1, 2, 3)
+        return x.contiguous(memory_format=self.layout)
 
     def _download(self, post: torch.Tensor) -> np.ndarray:
         """Posteriors held channels last on the device (1, X, Y, Z, C) -> a float32 numpy array."""
@@ -189,7 +190,7 @@ class TorchPredictor:
         y = network.one_hot_argmax(stream.whole(model.l2l, y, self.slab), groups)
         if groups <= 2:
             y = y[:, 1:]
-        y = torch.cat([x.float(), y], dim=1)
+        y = torch.cat([x.float(), y], dim=1).contiguous(memory_format=self.layout)
         return _channels_last(stream.stream(model.unet2, y, self.slab), x.shape[2])
 
     def _blurred(self, slabs: Iterator[Slab]) -> Iterator[Slab]:
@@ -199,11 +200,9 @@ class TorchPredictor:
 
     def _blur_window(self, before: torch.Tensor | None, part: torch.Tensor, after: torch.Tensor | None
                      ) -> torch.Tensor:
-        rows = [t for t in (before, part, after) if t is not None]
-        window = torch.cat(rows, dim=2) if len(rows) > 1 else part
-        channels = window.shape[1]
-        weight = self.kernel.to(window.dtype).expand(channels, 1, -1, -1, -1)
-        y = F.conv3d(window, weight, padding=self.kernel.shape[-1] // 2, groups=channels)
+        rows = [t.float() for t in (before, part, after) if t is not None]  # float32, as in the TF backend
+        window = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]
+        y = network.blur(window, self.taps)
         start = 0 if before is None else before.shape[2]
         return y[:, :, start:start + part.shape[2]]
 
@@ -224,7 +223,7 @@ class TorchPredictor:
             return None
         cortex = self.cortex[torch.argmax(blurred, dim=-1)]  # (1, X, Y, Z)
         one_hot = F.one_hot(cortex.long(), 2).permute(0, 4, 1, 2, 3).to(torch.float32)
-        parc_in = torch.cat([x.float(), one_hot], dim=1)
+        parc_in = torch.cat([x.float(), one_hot], dim=1).contiguous(memory_format=self.layout)
         del one_hot, cortex
         post = _channels_last(stream.stream(self.parc_model, parc_in, self.slab), x.shape[2])
         if self.qc_model is None:
@@ -240,7 +239,7 @@ class TorchPredictor:
         groups = heads.qc_input(channels[0].cpu().numpy().astype(np.int32), self.labels)  # (1, 224^3, groups)
         x = torch.as_tensor(np.ascontiguousarray(np.moveaxis(groups, -1, 1)), device=self.device)
         del groups
-        with self._context():
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):  # QC stays float32
             return self.qc_model(x).float().cpu().numpy()
 
 
