@@ -14,8 +14,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 readonly DIR="${GPU_CHECK_DIR:-${PROJECT_ROOT}/build/gpu_check}"
-# Packages the device lacks (it has PyTorch, numpy, h5py and scipy): nibabel and what it needs, the progress bar.
-readonly WHEELS=(nibabel packaging tqdm)
+# Packages the device lacks: nibabel (pure Python). Its needs (numpy, packaging, typing-extensions) and the rest of
+# the engine's (scipy, h5py, tqdm, torch) are there; --no-deps keeps a carried numpy from shadowing the device's.
+readonly WHEELS=(nibabel)
 
 step="${1:-}"
 (($# > 0)) && shift
@@ -28,7 +29,7 @@ case "${step}" in
     python="$(venv_python)"
     mkdir -p "${DIR}/wheels"
     log_run "wheels for Python ${GPU_PY:-3.12} (${WHEELS[*]}) into ${DIR}/wheels"
-    "${python}" -m pip download --quiet --only-binary=:all: --python-version "${GPU_PY:-3.12}" \
+    "${python}" -m pip download --quiet --no-deps --only-binary=:all: --python-version "${GPU_PY:-3.12}" \
       --platform manylinux2014_x86_64 --dest "${DIR}/wheels" "${WHEELS[@]}" \
       || die "pip download of ${WHEELS[*]} failed (needs PyPI)"
     image="${GPU_CHECK_IMAGE:-}"
@@ -46,7 +47,8 @@ sys.exit(0 if mni152_t1(Path(sys.argv[1])) else 1)' "${image}" || die "cannot wr
     site="${DIR}/site"
     if ! "${python}" -c 'import nibabel' >/dev/null 2>&1; then
       log_run "installing the carried wheels (${WHEELS[*]}) into ${site}, offline"
-      "${python}" -m pip install --quiet --no-index --find-links "${DIR}/wheels" --target "${site}" "${WHEELS[@]}" \
+      "${python}" -m pip install --quiet --no-index --no-deps --find-links "${DIR}/wheels" --target "${site}" \
+        "${WHEELS[@]}" \
         || die "offline install from ${DIR}/wheels failed: run 'scripts/gpu_check.sh prepare' here first"
     fi
     export PYTHONPATH="${PROJECT_ROOT}/synthseg_src:${site}${PYTHONPATH:+:${PYTHONPATH}}"

@@ -48,29 +48,35 @@ def test_gpu_check_runs_on_cpu(weights, inputs, tmp_path):
 BLOCK = ROOT / "tests" / "tools" / "no_tensorflow"  # a sitecustomize that makes tensorflow/keras/nilearn unimportable
 
 
-def test_gpu_check_without_models_rebuilds_test_weights_without_tensorflow(inputs, tmp_path):
-    """The lent GPU machine has no TensorFlow and no nilearn: the run step rebuilds the reference's test weights
-    from their recipes (no file over a few hundred kB travels) and runs with both unimportable."""
+def test_gpu_check_prepare_then_run_as_on_the_device(inputs, tmp_path):
+    """``prepare`` for real (the nibabel wheel from PyPI, test weights kept as recipes), then ``run`` as the lent
+    GPU machine would: TensorFlow, Keras and nilearn unimportable, nibabel only from the carried wheel, no weights
+    given. The carried folder stays small and the run reproduces the CPU reference exactly."""
     ref = tmp_path / "check"
-    assert gpucheck.main(["reference", "--image", str(inputs["ras"]), "--out", str(ref), "--modes", "default",
-                          "--crop", "64", "--threads", "2", "--copy-image"]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("SYNTHSEG_MODELS", "PYTHON")}
+    env.update(GPU_CHECK_DIR=str(ref), GPU_CHECK_IMAGE=str(inputs["ras"]), MODES="default",
+               PYTHONPATH=os.pathsep.join(sys.path))
+    prep = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "prepare", "--crop", "64", "--threads",
+                           "2"], capture_output=True, text=True, env=env | {"PYTHON": sys.executable}, timeout=900)
+    assert prep.returncode == 0, prep.stderr
     carried = sorted(p.relative_to(ref).as_posix() for p in ref.rglob("*") if p.is_file())
-    assert carried == sorted(["recipes/synthseg_2.0.h5.recipe.npz", "ref-default.npz", "reference.json",
-                              inputs["ras"].name]), carried
-    assert max(p.stat().st_size for p in ref.rglob("*") if p.is_file()) < 2_000_000
+    assert [c for c in carried if not c.startswith("wheels/")] == sorted([
+        "recipes/synthseg_2.0.h5.recipe.npz", "ref-default.npz", "reference.json", inputs["ras"].name]), carried
+    assert len([c for c in carried if c.startswith("wheels/nibabel-") and c.endswith(".whl")]) == 1, carried
+    assert sum(p.stat().st_size for p in ref.rglob("*") if p.is_file()) < 8_000_000
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "SYNTHSEG_MODELS"}
-    env.update(GPU_CHECK_DIR=str(ref), DEVICE="cpu", PYTHON=sys.executable, SCANS="1", MODES="default",
-               PRECISIONS="fp32", OUT=str(out), PYTHONPATH=os.pathsep.join([str(BLOCK), *sys.path]))
+    device = env | {"DEVICE": "cpu", "PYTHON": sys.executable, "SCANS": "1", "PRECISIONS": "fp32", "OUT": str(out),
+                    "PYTHONPATH": os.pathsep.join([str(BLOCK), *sys.path]),
+                    "GPU_CHECK_TEST_ONLY_FROM": f"nibabel={ref / 'site'}"}
+    blocked = subprocess.run([sys.executable, "-c", "import nibabel"], capture_output=True, text=True, env=device)
+    assert blocked.returncode != 0 and "only from" in blocked.stderr  # the block is real
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "run", "--threads", "2"],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=device, timeout=900)
     assert proc.returncode == 0, proc.stderr
-    assert "test weights rebuilt from" in proc.stderr + proc.stdout
+    log = proc.stderr + proc.stdout
+    assert "installing the carried wheels (nibabel)" in log and "test weights rebuilt from" in log, log
     (row,) = json.loads((out / "summary.json").read_text())["rows"]
     assert row["voxels_differ"] == 0 and row["max_abs_posterior_diff"] == 0.0  # the very same networks
-    blocked = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True,
-                             env=env)
-    assert blocked.returncode != 0 and "ModuleNotFoundError" in blocked.stderr  # the block is real
 
 
 def test_gpu_check_usage_error():

@@ -1,16 +1,29 @@
 """Put first on PYTHONPATH by tests/tools/test_gpucheck.py: the packages the lent GPU machine lacks are made
-unimportable, so the test runs what that machine would (TensorFlow, Keras and nilearn are not there)."""
+unimportable, so the test runs what that machine would.
+
+TensorFlow, Keras and nilearn are not there at all. ``GPU_CHECK_TEST_ONLY_FROM=name=folder`` makes ``name`` (the
+test uses nibabel, which the device lacks too) importable only from ``folder``: from the carried wheel that
+``gpu_check.sh run`` installs there, not from this machine's environment.
+"""
 
 import importlib.abc
+import importlib.machinery
+import os
 import sys
 
 ABSENT = ("tensorflow", "keras", "nilearn")
+ONLY_FROM = dict(item.split("=", 1) for item in os.environ.get("GPU_CHECK_TEST_ONLY_FROM", "").split(",") if item)
 
 
 class _Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ABSENT:
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: the GPU machine has none)", name=name)
+        if name in ONLY_FROM:  # a top-level package: only from its folder (its submodules follow its __path__)
+            spec = importlib.machinery.PathFinder.find_spec(name, [ONLY_FROM[name]])
+            if spec is None:
+                raise ModuleNotFoundError(f"No module named {name!r} (only from {ONLY_FROM[name]})", name=name)
+            return spec
         return None
 
 
