@@ -7,9 +7,12 @@ RESULTS ?=
 
 .PHONY: bench roofline
 
-bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS= BACKENDS="tf torch"]
+bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS= BACKENDS="tf torch" MAX_TIME_RATIO= MAX_RSS_RATIO= MIN_AGREEMENT=]
 	@$(PY) -m synthseg_native.tools.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
 		$(if $(BACKENDS),--backends "$(BACKENDS)") \
+		$(if $(MAX_TIME_RATIO),--max-time-ratio "$(MAX_TIME_RATIO)") \
+		$(if $(MAX_RSS_RATIO),--max-rss-ratio "$(MAX_RSS_RATIO)") \
+		$(if $(MIN_AGREEMENT),--min-agreement "$(MIN_AGREEMENT)") \
 		$(if $(THREADS),--threads "$(THREADS)") $(if $(FLAGS),--flags "$(FLAGS)") \
 		$(if $(RESULTS),--results "$(RESULTS)")
 

@@ -21,7 +21,7 @@ import tensorflow as tf
 from engine_fixtures import ROOT
 from fake_synthseg import make_checkout
 from synthseg_native.engine.backends.tf import flops, network
-from synthseg_native.tools import bench
+from synthseg_native.tools import bench, benchgate, benchreport
 
 KL = tf.keras.layers
 
@@ -76,9 +76,15 @@ def test_bench_end_to_end(tmp_path, tiny, weights):
                PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run([sys.executable, "-m", "synthseg_native.tools.bench", "--in", str(tiny), "--runs", "1",
                            "--warmup", "0", "--threads", "1", "--models", str(models), "--results", str(res),
-                           "--work", str(tmp_path / "work"), "--roofline-size", "0.12", "--roofline-repeats", "1"],
+                           "--work", str(tmp_path / "work"), "--roofline-size", "0.12", "--roofline-repeats", "1",
+                           # the gate: one criterion that holds, two that cannot (the fake reference is tiny)
+                           "--max-time-ratio", "1e6", "--max-rss-ratio", "1e-9", "--min-agreement", "99"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("[ERR]")]
+    assert len(errors) == 2 and "gate UNMET: native MAX_RSS_RATIO" in errors[0], proc.stderr
+    assert "gate UNMET: native MIN_AGREEMENT n/a" in errors[1] and "cannot compare" in errors[1], errors
+    assert "[INFO] gate held: native MAX_TIME_RATIO" in proc.stdout and "gate: 1 of 3 criteria held" in proc.stdout
     assert "[SKIP] baseline: the Docker daemon is not reachable" in proc.stdout
     for name in ("hyperfine.json", "hyperfine.md", "machine.json", "profile.json", "roofline.json", "summary.json",
                  "summary.md", "chart.png"):
@@ -93,9 +99,11 @@ def test_bench_end_to_end(tmp_path, tiny, weights):
     assert summary["skipped"]["baseline"].startswith("the Docker daemon is not reachable")
     assert {"load_weights", "preprocess", "network", "postprocess", "write"} <= set(summary["profile"]["stages"])
     assert summary["profile"]["network_gflops"] > 0
+    assert [(g["criterion"], g["held"]) for g in summary["gate"]] == [
+        ("MAX_TIME_RATIO", True), ("MAX_RSS_RATIO", False), ("MIN_AGREEMENT", False)]
     table = (res / "summary.md").read_text()
     for needle in ("| native |", "| reference |", "| baseline | skipped", "Native stage breakdown", "GFLOP/s",
-                   "float32", "Conv3D roofline", "tensorflow: 2.15.1"):
+                   "float32", "Conv3D roofline", "tensorflow: 2.15.1", "## Gate", "1 of 3 criteria held."):
         assert needle in table, needle
     assert json.loads((res / "roofline.json").read_text())["best_gflops"]["float32"] > 0
     assert (res / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -124,11 +132,66 @@ def test_summary_speedups_and_markdown():
     hf = {"results": [{"command": "native", "mean": 10.0, "stddev": 1.0, "min": 9.0, "max": 11.0, "times": [9, 11]},
                       {"command": "reference", "mean": 25.0, "stddev": 2.0, "min": 23.0, "max": 27.0,
                        "times": [23, 27]}]}
-    rows = bench.summarise(hf, {"native": [2 * 1024 ** 2, 3 * 1024 ** 2], "reference": [9 * 1024 ** 2]})
+    rows = benchreport.summarise(hf, {"native": [2 * 1024 ** 2, 3 * 1024 ** 2], "reference": [9 * 1024 ** 2]})
     assert rows[0]["speedup_vs_reference"] == 2.5 and rows[0]["peak_rss_kb"] == 3 * 1024 ** 2
-    md = bench.summary_markdown(rows, {"baseline": "no docker"}, {"cpu": "x"}, {}, None,
+    md = benchreport.summary_markdown(rows, {"baseline": "no docker"}, {"cpu": "x"}, {}, None,
                                 {"date": "d", "input": "i", "flags": [], "threads": 2, "runs": 2, "warmup": 0,
                                  "test_weights": True, "commands": []})
     assert "| native | 10.00 ± 1.00 | 9.00 | 11.00 | 2.50× | — | 3.00 GiB |" in md
     assert "| baseline | skipped: no docker" in md and "seeded random test weights" in md
     assert np.isfinite(rows[1]["mean_s"])
+
+
+# -- the gate -----------------------------------------------------------------------------------------------------
+def gate_rows(native_s: float = 40.0, native_rss: int = 5 * 2**20) -> list[dict]:
+    return [{"engine": "native", "mean_s": native_s, "peak_rss_kb": native_rss},
+            {"engine": "native-torch", "mean_s": 60.0, "peak_rss_kb": 7 * 2**20},
+            {"engine": "reference", "mean_s": 100.0, "peak_rss_kb": 20 * 2**20}]
+
+
+def segs(tmp_path: Path, flipped: int) -> dict[str, Path]:
+    import nibabel as nib
+
+    ref = np.zeros((10, 10, 10), dtype=np.int16)
+    ref[2:8, 2:8, 2:8] = 17
+    out = {}
+    for name, n in (("reference", 0), ("native", 0), ("native-torch", flipped)):
+        data = ref.copy()
+        data.reshape(-1)[:n] = 99
+        out[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.eye(4)), out[name])
+    return out
+
+
+def test_gate_verdicts_per_engine_and_criterion(tmp_path):
+    criteria = benchgate.Criteria(max_time_ratio=0.5, max_rss_ratio=0.3, min_agreement=99.5)
+    verdicts = benchgate.evaluate(criteria, gate_rows(), segs(tmp_path, flipped=10), {})
+    found = {(v.engine, v.criterion): (round(v.value, 4), v.held) for v in verdicts}
+    assert found == {("native", "MAX_TIME_RATIO"): (0.4, True), ("native", "MAX_RSS_RATIO"): (0.25, True),
+                     ("native", "MIN_AGREEMENT"): (100.0, True),
+                     ("native-torch", "MAX_TIME_RATIO"): (0.6, False), ("native-torch", "MAX_RSS_RATIO"): (0.35, False),
+                     ("native-torch", "MIN_AGREEMENT"): (99.0, False)}
+    line = next(v for v in verdicts if v.engine == "native-torch" and v.criterion == "MIN_AGREEMENT").line()
+    assert line == "gate UNMET: native-torch MIN_AGREEMENT 99 (limit >= 99.5; voxels labelled as the reference, %)"
+    md = benchgate.markdown(verdicts)
+    assert "| native-torch | MAX_TIME_RATIO | 0.6 | ≤ 0.5 | **unmet** |" in md and "3 of 6 criteria held." in md
+
+
+def test_gate_without_a_reference_is_unmet_not_skipped(tmp_path):
+    rows = [r for r in gate_rows() if r["engine"] == "native"]
+    criteria = benchgate.Criteria(max_time_ratio=0.4, max_rss_ratio=0.3, min_agreement=100)
+    verdicts = benchgate.evaluate(criteria, rows, {}, {"reference": "SYNTHSEG_HOME is not set"})
+    assert [v.held for v in verdicts] == [False, False, False]
+    assert all("no reference in this run: SYNTHSEG_HOME is not set" in v.line() for v in verdicts)
+    assert benchgate.evaluate(benchgate.Criteria(), rows, {}, {}) == []
+
+
+@pytest.mark.parametrize("criteria, message", [
+    (benchgate.Criteria(max_time_ratio=0), "MAX_TIME_RATIO must be > 0, not 0"),
+    (benchgate.Criteria(min_agreement=101), "MIN_AGREEMENT is a percentage (at most 100), not 101"),
+])
+def test_gate_criteria_are_checked(criteria, message, tmp_path, capsys):
+    assert criteria.check() == message
+    assert bench.main(["--results", str(tmp_path), *(
+        ["--max-time-ratio", "0"] if criteria.max_time_ratio is not None else ["--min-agreement", "101"])]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"[ERR] {message}"]

@@ -27,7 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config.parser import parse
@@ -35,9 +35,11 @@ from ..engine import machine
 from ..engine.backends.tf.devices import prepare_tensorflow
 from ..engine.weights import MODEL_FILES, find_weights, is_test_weights
 from ..errors import UpstreamError, UsageError, WeightsError
-from ..io.atomic import atomic_write, image_extension, write_text
+from ..io.atomic import image_extension, write_text
 from ..log import DONE, RUN, SKIP
 from ..reference.upstream import find_synthseg_home
+from . import benchgate
+from .benchreport import chart, other_profile_markdown, summarise, summary_markdown
 from .demo import mni152_t1
 from .testweights import generate
 
@@ -200,11 +202,14 @@ def shell_command(engine: Engine, python: str, record: Path) -> str:
 # measurements
 
 
-def run_hyperfine(cmds: list[tuple[str, str]], runs: int, warmup: int, work: Path, res: Path) -> dict:
+def run_hyperfine(cmds: list[tuple[str, str, Path]], runs: int, warmup: int, res: Path) -> dict:
+    """Each (name, command, output folder) timed; before each run only that engine's folder is emptied, so every
+    engine's last outputs are left for the gate's comparison."""
     argv = ["hyperfine", "--runs", str(runs), "--warmup", str(warmup), "--style", "basic",
-            "--export-json", str(res / "hyperfine.json"), "--export-markdown", str(res / "hyperfine.md"),
-            "--prepare", shlex.join(["rm", "-rf", str(work / "runs")])]
-    for name, cmd in cmds:
+            "--export-json", str(res / "hyperfine.json"), "--export-markdown", str(res / "hyperfine.md")]
+    for _name, _cmd, folder in cmds:
+        argv += ["--prepare", shlex.join(["rm", "-rf", str(folder)])]
+    for name, cmd, _folder in cmds:
         argv += ["--command-name", name, cmd]
     logger.log(RUN, f"hyperfine: {len(cmds)} command(s) x ({warmup} warm-up + {runs} timed run(s))")
     proc = subprocess.run(argv, text=True, stdout=sys.stdout, stderr=subprocess.PIPE)
@@ -266,115 +271,6 @@ def read_rss(record: Path) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# report
-
-
-def summarise(hf: dict, rss: dict[str, list[int]]) -> list[dict]:
-    rows = []
-    means = {r["command"]: r["mean"] for r in hf["results"]}
-    for r in hf["results"]:
-        name = r["command"]
-        row = {"engine": name, "mean_s": r["mean"], "stddev_s": r.get("stddev") or 0.0, "min_s": r["min"],
-               "max_s": r["max"], "runs": len(r.get("times", [])),
-               "peak_rss_kb": max(rss.get(name) or [0]) or None}
-        for other in ("reference", "baseline"):
-            if other in means and other != name:
-                row[f"speedup_vs_{other}"] = means[other] / r["mean"]
-        rows.append(row)
-    return rows
-
-
-def summary_markdown(rows: list[dict], skipped: dict[str, str], facts: dict, profile: dict, roof: dict | None,
-                     setup: dict) -> str:
-    def fmt_speed(row: dict, other: str) -> str:
-        v = row.get(f"speedup_vs_{other}")
-        return f"{v:.2f}×" if v else "—"
-
-    lines = [f"# SynthSeg benchmark {setup['date']} on {facts.get('cpu', '?')}", ""]
-    lines += [f"Input `{setup['input']}`, flags `{' '.join(setup['flags']) or '(none)'}`, {setup['threads']} "
-              f"thread(s), {setup['runs']} timed run(s) after {setup['warmup']} warm-up, each run into an emptied "
-              "output folder.", ""]
-    if setup["test_weights"]:
-        lines += ["**Weights: seeded random test weights** (`synthseg_native.testweights`). Run time does not "
-                  "depend on the weight values; the segmentations are anatomically meaningless.", ""]
-    lines += ["| engine | mean ± sd (s) | min (s) | max (s) | speed-up vs reference | speed-up vs baseline | "
-              "peak RSS |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        rss = f"{r['peak_rss_kb'] / 1024 ** 2:.2f} GiB" if r["peak_rss_kb"] else "n/a"
-        lines.append(f"| {r['engine']} | {r['mean_s']:.2f} ± {r['stddev_s']:.2f} | {r['min_s']:.2f} | "
-                     f"{r['max_s']:.2f} | {fmt_speed(r, 'reference')} | {fmt_speed(r, 'baseline')} | {rss} |")
-    for name, why in skipped.items():
-        lines.append(f"| {name} | skipped: {why} | | | | | |")
-    lines += ["", "Peak RSS: the largest process of each run (`getrusage` of the run's children), maximum over all "
-              "runs. For the Docker baseline this is the docker client, not the container.", ""]
-    if profile.get("stages"):
-        lines += ["## Native stage breakdown (one extra run with `--profile`)", "",
-                  "| stage | seconds | peak RSS so far |", "|---|---|---|"]
-        for stage, v in profile["stages"].items():
-            lines.append(f"| {stage} | {v['seconds']:.2f} | {v['peak_rss_gb']:.2f} GB |")
-        lines.append("")
-    if "network_gflops" in profile:
-        lines.append(f"Network: {profile['network_gflop']:.0f} GFLOP of convolutions at the padded input "
-                     f"{profile.get('network_input', '?')} (all passes), {profile['network_gflops']:.1f} GFLOP/s.")
-        if roof and roof.get("best_gflops", {}).get("float32"):
-            best = roof["best_gflops"]["float32"]
-            lines.append(f"The machine's best fp32 conv3d throughput with this TensorFlow build is {best:.1f} "
-                         f"GFLOP/s (`make roofline`): the network reached {profile['network_gflops'] / best:.0%} "
-                         "of it.")
-        lines.append("")
-    if roof:
-        lines += ["## Conv3D roofline", "", "| precision | best GFLOP/s |", "|---|---|"]
-        for dtype, v in roof["best_gflops"].items():
-            lines.append(f"| {dtype} | {v:.1f} |")
-        for dtype, why in roof.get("unsupported", {}).items():
-            lines.append(f"| {dtype} | not measured: {why} |")
-        lines.append("")
-    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in facts.items()] + [""]
-    lines += ["## Commands", "", "```"] + [f"{n}: {c}" for n, c in setup["commands"]] + ["```", ""]
-    return "\n".join(lines)
-
-
-def other_profile_markdown(name: str, profile: dict) -> str:
-    """The stage breakdown of a second native backend (``native-torch``), beside the first one's."""
-    lines = ["", f"## {name} stage breakdown (one extra run with `--profile`)", "",
-             "| stage | seconds | peak RSS (GB) |", "|---|---|---|"]
-    lines += [f"| {stage} | {v['seconds']:.2f} | {v['peak_rss_gb']:.2f} |" for stage, v in profile["stages"].items()]
-    if "network_gflops" in profile:
-        lines += ["", f"Network: {profile['network_gflop']:.0f} GFLOP, {profile['network_gflops']:.1f} GFLOP/s."]
-    return "\n".join(lines) + "\n"
-
-
-def chart(rows: list[dict], profile: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = 3 if profile.get("stages") else 2
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6))
-    names = [r["engine"] for r in rows]
-    axes[0].bar(names, [r["mean_s"] for r in rows], yerr=[r["stddev_s"] for r in rows], capsize=4,
-                color="#4878a8")
-    axes[0].set_ylabel("wall time (s)")
-    axes[0].set_title("mean ± sd")
-    axes[1].bar(names, [(r["peak_rss_kb"] or 0) / 1024 ** 2 for r in rows], color="#c06040")
-    axes[1].set_ylabel("peak RSS (GiB)")
-    axes[1].set_title("memory")
-    if panels == 3:
-        stages = profile["stages"]
-        left = 0.0
-        for stage, v in stages.items():
-            axes[2].barh(["native"], [v["seconds"]], left=left, label=stage)
-            left += v["seconds"]
-        axes[2].set_xlabel("seconds")
-        axes[2].set_title("native stages")
-        axes[2].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 
 def parser() -> argparse.ArgumentParser:
@@ -392,6 +288,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-roofline", action="store_true", help="Skip the conv3d roofline.")
     p.add_argument("--roofline-size", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--roofline-repeats", type=int, default=5, help=argparse.SUPPRESS)
+    benchgate.add_arguments(p)
     return p
 
 
@@ -409,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
+    criteria = benchgate.Criteria.from_args(args)
+    if why := criteria.check():
+        raise BenchError(why)
     if shutil.which("hyperfine") is None:
         raise BenchError(f"hyperfine not found: {HYPERFINE_HINT}")
     if args.runs < 1 or args.warmup < 0:
@@ -437,27 +337,35 @@ def bench(args: argparse.Namespace) -> int:
     cmds = [(e.name, shell_command(e, python, records[e.name])) for e in todo]
     facts = machine_facts(python)
     logger.info(f"input {image}, {threads} thread(s), weights {models}{' (TEST WEIGHTS)' if test_weights else ''}")
-    hf = run_hyperfine(cmds, args.runs, args.warmup, work, res)
+    hf = run_hyperfine([(name, cmd, e.out) for (name, cmd), e in zip(cmds, todo)], args.runs, args.warmup, res)
+    rows = summarise(hf, {name: read_rss(path) for name, path in records.items()})
+    verdicts = benchgate.evaluate(criteria, rows, {e.name: e.out / "seg.nii.gz" for e in todo}, skipped) \
+        if criteria.any() else []
     natives = [e for e in todo if e.name.startswith("native")]
     profiles = {e.name: profile_native(e, work) for e in natives}
     profile = profiles[natives[0].name]
     roof = None if args.no_roofline else run_roofline(python, threads, res, args.roofline_size, args.roofline_repeats)
-    rows = summarise(hf, {name: read_rss(path) for name, path in records.items()})
     setup = {"date": dt.date.today().isoformat(), "input": str(image), "flags": flags, "threads": threads,
              "runs": args.runs, "warmup": args.warmup, "test_weights": test_weights, "weights": models,
              "commands": cmds}
     write_text(res / "machine.json", json.dumps(facts, indent=2) + "\n")
     write_text(res / "profile.json", json.dumps(profile, indent=2) + "\n")
     write_text(res / "summary.json", json.dumps({"setup": setup, "rows": rows, "skipped": skipped,
-                                                 "profile": profile, "profiles": profiles}, indent=2) + "\n")
+                                                 "profile": profile, "profiles": profiles,
+                                                 "gate": [asdict(v) for v in verdicts]}, indent=2) + "\n")
     text = summary_markdown(rows, skipped, facts, profile, roof, setup)
     for name, extra in list(profiles.items())[1:]:
         text += other_profile_markdown(name, extra)
-    write_text(res / "summary.md", text)
+    write_text(res / "summary.md", text + benchgate.markdown(verdicts))
     chart(rows, profile, res / "chart.png")
     shutil.rmtree(work / "runs", ignore_errors=True)
     logger.log(DONE, f"benchmark report in {res}/ (summary.md, hyperfine.json, chart.png)")
-    return 0
+    for v in verdicts:
+        (logger.info if v.held else logger.error)(v.line())
+    unmet = [v for v in verdicts if not v.held]
+    if verdicts:
+        logger.info(f"gate: {len(verdicts) - len(unmet)} of {len(verdicts)} criteria held")
+    return 1 if unmet else 0
 
 
 if __name__ == "__main__":
