@@ -95,3 +95,13 @@ def inputs(tmp_path_factory, mni_img) -> dict[str, Path]:
     paths["anatomical"] = d / "anatomical.nii"
     shutil.copy(anat, paths["anatomical"])
     return paths
+
+
+@pytest.fixture
+def scan_folder(inputs, tmp_path) -> Path:
+    """Three small real scans in three formats (.nii.gz RAS, .nii LAS, .mgz LIA) in one folder: a tiny cohort."""
+    src = tmp_path / "scans"
+    src.mkdir()
+    for name in ("ras", "las", "lia"):
+        shutil.copy(inputs[name], src / inputs[name].name)
+    return src

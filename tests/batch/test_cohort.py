@@ -6,7 +6,6 @@ import csv
 import hashlib
 import io
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -50,13 +49,8 @@ def builds(monkeypatch) -> list[int]:
 
 
 @pytest.fixture
-def folder(inputs, tmp_path) -> Path:
-    """Three small real scans in three formats."""
-    src = tmp_path / "scans"
-    src.mkdir()
-    for name in ("ras", "las", "lia"):
-        shutil.copy(inputs[name], src / inputs[name].name)
-    return src
+def folder(scan_folder) -> Path:
+    return scan_folder
 
 
 def rows(path) -> list[list[str]]:

@@ -51,12 +51,8 @@ def slurm(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture
-def scans(inputs, tmp_path) -> Path:
-    src = tmp_path / "scans"
-    src.mkdir()
-    for name in ("ras", "las", "lia"):
-        shutil.copy(inputs[name], src / inputs[name].name)
-    return src
+def scans(scan_folder) -> Path:
+    return scan_folder
 
 
 def cohort(env: dict[str, str], src: Path, out: Path, models: Path, *extra: str,
