@@ -1,5 +1,6 @@
 """``make cohort PROFILE=profiles/slurm`` on a real SLURM cluster: jobs submitted with sbatch, queued, run side by
-side, accounted by slurmdbd, a killed job retried, a failing scan reported.
+side, accounted by slurmdbd, a killed job retried, a failing scan reported, a shard past its time limit stopped
+and finished by a second run.
 
 The cluster is tests/slurm/cluster.sh's (munge, MariaDB, slurmdbd, slurmctld and one slurmd on this host, every
 port on 127.0.0.1), started once for this module and stopped after it. It needs root and Debian's packages (.ci/run
@@ -14,7 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import nibabel as nib
 import pytest
+
+from engine_fixtures import crop_img
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -55,10 +59,10 @@ def scans(scan_folder) -> Path:
     return scan_folder
 
 
-def cohort(env: dict[str, str], src: Path, out: Path, models: Path, *extra: str,
+def cohort(env: dict[str, str], src: Path, out: Path, models: Path, *extra: str, flags: str = "--crop 64",
            background: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
     argv = ["make", "--no-print-directory", "-C", str(ROOT), "cohort", f"IN={src}", f"OUT={out}", "THREADS=4",
-            f"FLAGS=--models {models} --crop 64", *extra]
+            f"FLAGS=--models {models} {flags}".strip(), *extra]
     if background:
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
@@ -129,3 +133,41 @@ def test_failing_scan_in_a_job_is_one_err_and_the_rest_finish(slurm, weights, sc
     assert errors and all("broken.nii.gz" in line for line in errors), r.stderr[-3000:]
     segs = [p for p in (tmp_path / "segs").glob("*_synthseg.*") if not p.name.endswith(".json")]
     assert len(segs) == 3  # the good scans finished and are recorded for the next run
+
+
+def test_time_limit_stops_a_shard_and_a_second_run_finishes_the_rest(slurm, weights, mni_img, tmp_path):
+    """A shard that outlasts its job's time limit (SLURM's minimum, 1 minute): SLURM stops it (TIMEOUT), the
+    terminal says so and what to change; the scans finished before are kept, and a second make cohort with a
+    sufficient runtime segments only the rest."""
+    models = weights.need("seg2")
+    src = tmp_path / "scans"
+    src.mkdir()
+    for i in range(6):  # ~17-20 s each on this project's 2-core machines: ~2 min in all, killed after 60-90 s
+        nib.save(crop_img(mni_img, (40 + 2 * i, 50, 40), (112, 120, 110)), src / f"sub{i}.nii.gz")
+    profile = tmp_path / "profile"
+    shutil.copytree(ROOT / "profiles" / "slurm", profile)
+    text = (profile / "config.yaml").read_text()
+    tight = text.replace("retries: 1", "retries: 0").replace("runtime: 240", "runtime: 1")
+    assert tight.count("retries: 0") == 1 and tight.count("runtime: 1 ") == 1, "profiles/slurm changed its layout"
+    (profile / "config.yaml").write_text(tight)
+    out = tmp_path / "segs"
+    before = len(jobs(slurm))
+    first = cohort(slurm, src, out, models, f"PROFILE={profile}", "SHARDS=1", flags="")
+    assert first.returncode != 0, first.stderr[-3000:]
+    assert [j["State"] for j in jobs(slurm)[before:]] == ["TIMEOUT"]
+    err = first.stderr.splitlines()
+    assert any(line.startswith("[ERR] interrupted (SIGTERM) while segmenting") for line in err), first.stderr[-3000:]
+    assert any(line.startswith("[ERR] 1 shard job(s) reached SLURM's time limit") and "runtime" in line
+               for line in err), first.stderr[-3000:]
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*_synthseg.nii.gz")}
+    assert 1 <= len(kept) < 6, sorted(kept)  # stopped half-way, what finished is in place
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.is_file()]  # no staged leftovers
+
+    second = cohort(slurm, src, out, models, "PROFILE=profiles/slurm", "SHARDS=1", flags="")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    segs = {p.name: p.stat().st_mtime_ns for p in out.glob("*_synthseg.nii.gz")}
+    assert len(segs) == 6 and all(segs[name] == mtime for name, mtime in kept.items())  # not re-run
+    shard_log = (out / ".cohort" / "shard-1-of-1.log").read_text()
+    assert shard_log.count("[SKIP]") == len(kept) and shard_log.count("[DONE]") == 6 - len(kept)
+    rows = (out / "volumes.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 and (out / "qc" / "index.html").is_file()
