@@ -5,7 +5,7 @@ RUNS ?= 5
 WARMUP ?= 1
 RESULTS ?=
 
-.PHONY: bench roofline
+.PHONY: bench roofline profile-layers
 
 bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS= BACKENDS="tf torch" MAX_TIME_RATIO= MAX_RSS_RATIO= MIN_AGREEMENT=]
 	@$(PY) -m synthseg_native.tools.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
@@ -19,6 +19,10 @@ bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 
 roofline: $(STAMP) ## Conv3D throughput of this machine, fp32 and bf16/fp16 where supported [THREADS= RESULTS=]
 	@$(PY) -m synthseg_native.tools.roofline $(if $(THREADS),--threads "$(THREADS)") \
 		--out "$(or $(RESULTS),results/$(shell date +%F)-$(shell hostname -s 2>/dev/null || hostname))/roofline.json"
+
+profile-layers: $(STAMP) ## Time every piece of the TF network stage against bare convs of its shapes [IN= THREADS= FLAGS= RESULTS=]
+	@$(PY) -m synthseg_native.tools.layerprofile $(if $(IN),--i "$(IN)") $(if $(THREADS),--threads "$(THREADS)") \
+		$(FLAGS) --out "$(or $(RESULTS),results/$(shell date +%F)-$(shell hostname -s 2>/dev/null || hostname))/layers.json"
 
 .PHONY: gpu-check-prepare gpu-check
 

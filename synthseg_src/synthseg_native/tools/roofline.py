@@ -60,12 +60,20 @@ def unsupported_precisions(device: str) -> dict[str, str]:
 
 
 def measure(case: tuple[str, int, int, int], dtype: str, repeats: int, scale: float) -> Result:
-    import tensorflow as tf
-
     name, edge, c_in, c_out = case
     edge = max(8, int(round(edge * scale)))
-    layer = tf.keras.layers.Conv3D(c_out, 3, padding="same", activation="elu", dtype=dtype)
-    x = tf.random.stateless_uniform([1, edge, edge, edge, c_in], seed=[1, 2], dtype="float32")
+    gflop, sec = conv_time((edge,) * 3, c_in, c_out, dtype, repeats)
+    return Result(name, dtype, [edge] * 3 + [c_in, c_out], gflop, sec, gflop / sec)
+
+
+def conv_time(grid: tuple[int, ...], c_in: int, c_out: int, dtype: str = "float32", repeats: int = 3,
+              kernel: int = 3) -> tuple[float, float]:
+    """GFLOP and median seconds of one bare Conv3D (``kernel``³, bias and ELU fused, as in the network) on a
+    ``grid`` of ``c_in`` channels: the figure a network layer of that shape is measured against."""
+    import tensorflow as tf
+
+    layer = tf.keras.layers.Conv3D(c_out, kernel, padding="same", activation="elu", dtype=dtype)
+    x = tf.random.stateless_uniform([1, *grid, c_in], seed=[1, 2], dtype="float32")
     x = tf.cast(x, dtype)
     fn = tf.function(lambda t: layer(t))
     fn(x).numpy()  # build, trace, warm up
@@ -74,9 +82,10 @@ def measure(case: tuple[str, int, int, int], dtype: str, repeats: int, scale: fl
         t0 = time.perf_counter()
         fn(x).numpy()
         times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
-    flop = edge ** 3 * c_out * (2 * 27 * c_in + 1)
-    return Result(name, dtype, [edge] * 3 + [c_in, c_out], flop / 1e9, sec, flop / 1e9 / sec)
+    voxels = 1
+    for edge in grid:
+        voxels *= edge
+    return voxels * c_out * (2 * kernel ** 3 * c_in + 1) / 1e9, statistics.median(times)
 
 
 def run(threads: int | None, repeats: int, scale: float) -> dict:

@@ -10,16 +10,29 @@ output value for its bias. BatchNorm, activations, pooling, upsampling and softm
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
 
-def conv_flops(model: tf.keras.Model, shape: Sequence[int]) -> int:
-    """FLOPs of one inference of ``model`` on a ``(1, *shape)`` input (channels last included)."""
+@dataclass(frozen=True)
+class ConvShape:
+    """One convolution of a traced graph: its output grid, channels and kernel edge, and its FLOPs."""
+
+    grid: tuple[int, int, int]
+    c_in: int
+    c_out: int
+    kernel: int
+    flop: int
+
+
+def conv_shapes(model: tf.keras.Model, shape: Sequence[int]) -> list[ConvShape]:
+    """Every Conv3D of one inference of ``model`` on a ``(1, *shape)`` input, in graph order, with its FLOPs
+    (what a per-layer profile compares with the bare convolution of the same shape)."""
     fn = tf.function(lambda x: model(x, training=False))
     graph = fn.get_concrete_function(tf.TensorSpec([1, *shape], tf.float32)).graph
-    total = 0
+    found = []
     for op in _all_ops(graph):
         if op.type not in ("Conv3D", "Conv2D"):
             continue
@@ -27,11 +40,17 @@ def conv_flops(model: tf.keras.Model, shape: Sequence[int]) -> int:
         out = op.outputs[0].shape.as_list()
         if None in kernel or None in out:
             raise ValueError(f"{op.name}: shapes not fully known ({kernel}, {out})")
-        per_output = 2 * int(np.prod(kernel[:-1]))  # k³·C_in multiply-adds per output value
-        total += int(np.prod(out)) * per_output
+        flop = int(np.prod(out)) * 2 * int(np.prod(kernel[:-1]))  # k³·C_in multiply-adds per output value
         if _has_bias(op):
-            total += int(np.prod(out))
-    return total
+            flop += int(np.prod(out))
+        grid = tuple(out[1:-1]) + (1,) * (3 - len(out[1:-1]))
+        found.append(ConvShape(grid, kernel[-2], kernel[-1], kernel[0], flop))  # type: ignore[arg-type]
+    return found
+
+
+def conv_flops(model: tf.keras.Model, shape: Sequence[int]) -> int:
+    """FLOPs of one inference of ``model`` on a ``(1, *shape)`` input (channels last included)."""
+    return sum(c.flop for c in conv_shapes(model, shape))
 
 
 def _all_ops(graph: tf.Graph):

@@ -7,6 +7,7 @@ that TensorFlow executes the same kernels in the same order and produces the sam
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -134,6 +135,36 @@ class ArgmaxLabels:
 Slab = tuple[int, int, "np.ndarray | tf.Tensor"]
 
 
+class Piece:
+    """One compiled step of :class:`StagedUNet` (a conv on a slab with its context, BN + pooling, the core), with
+    its convolution layers and its level, so a profiler can time it and count its FLOPs (tools/layerprofile.py).
+
+    Off by default: a call is then just ``fn(*args)``. With ``timing`` on, each call's wall time (CPU execution is
+    synchronous: the result exists when the call returns) and the voxels it produced are summed; the values
+    computed are the same either way."""
+
+    def __init__(self, label: str, fn, level: int, convs: tuple[tf.keras.layers.Layer, ...] = ()):
+        self.label, self.fn, self.level, self.convs = label, fn, level, convs
+        self.timing = False
+        self.calls, self.seconds, self.voxels = 0, 0.0, 0
+
+    def __call__(self, *args):
+        if not self.timing:
+            return self.fn(*args)
+        t0 = time.perf_counter()
+        out = self.fn(*args)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        self.voxels += int(np.prod(out.shape[1:4]))
+        return out
+
+    @property
+    def flop(self) -> int:
+        """Convolution FLOPs of the voxels produced so far (2 per multiply-add, 1 per bias), as flops.py counts."""
+        per_voxel = sum(conv.filters * (2 * int(np.prod(conv.kernel.shape[:-1])) + 1) for conv in self.convs)
+        return self.voxels * per_voxel
+
+
 class StagedUNet:
     """Runs a trained :func:`unet` in exact stages so no high-resolution tensor of many channels is held whole.
 
@@ -172,10 +203,14 @@ class StagedUNet:
             bn, pool = layer(f"{prefix}_bn_down_{level}"), layer(f"{prefix}_maxpool_{level}")
             in_dtype = model.inputs[0].dtype.name if level == 0 else cdt
             self.encoders.append((
-                tf.function(_with_context(conv0), input_signature=[spec(conv0.kernel.shape[-2], in_dtype)] * 3),
-                tf.function(_with_context(conv1), input_signature=[spec(conv1.kernel.shape[-2])] * 3),
-                tf.function(lambda t, bn=bn, pool=pool: pool(bn(t, training=False)),
-                            input_signature=[spec(conv1.filters)])))
+                Piece(f"{prefix} encoder {level} conv 0", tf.function(
+                    _with_context(conv0), input_signature=[spec(conv0.kernel.shape[-2], in_dtype)] * 3),
+                    level, (conv0,)),
+                Piece(f"{prefix} encoder {level} conv 1", tf.function(
+                    _with_context(conv1), input_signature=[spec(conv1.kernel.shape[-2])] * 3), level, (conv1,)),
+                Piece(f"{prefix} encoder {level} BN + max-pool", tf.function(
+                    lambda t, bn=bn, pool=pool: pool(bn(t, training=False)),
+                    input_signature=[spec(conv1.filters)]), level + 1)))
             u = n_levels + (n_levels - 2 - level)
             up, merge = layer(f"{prefix}_up_{u}"), layer(f"{prefix}_merge_{u}")
             conv0, conv1 = (layer(f"{prefix}_conv_uparm_{u}_{c}") for c in range(2))
@@ -184,8 +219,12 @@ class StagedUNet:
             skip_ch = layer(f"{prefix}_conv_downarm_{level}_1").filters
             low_ch = conv0.kernel.shape[-2] - skip_ch
             self.decoders.append((
-                tf.function(_merged_conv(up, merge, conv0), input_signature=[spec(skip_ch), spec(low_ch)] + rows),
-                tf.function(_with_context(conv1, tail), input_signature=[spec(conv1.kernel.shape[-2])] * 3)))
+                Piece(f"{prefix} decoder {level} upsample + merge + conv 0", tf.function(
+                    _merged_conv(up, merge, conv0), input_signature=[spec(skip_ch), spec(low_ch)] + rows),
+                    level, (conv0,)),
+                Piece(f"{prefix} decoder {level} conv 1 + BN" + (" + likelihood + softmax" if level == 0 else ""),
+                      tf.function(_with_context(conv1, tail), input_signature=[spec(conv1.kernel.shape[-2])] * 3),
+                      level, (conv1,) + ((layer(f"{prefix}_likelihood"),) if level == 0 else ()))))
         x = core_in = KL.Input(shape=[None, None, None, layer(f"{prefix}_conv_downarm_{fine_levels - 1}_1").filters],
                                dtype=cdt)
         skips = {}
@@ -203,7 +242,10 @@ class StagedUNet:
                 x = layer(f"{prefix}_conv_uparm_{u}_{conv}")(x)
             x = layer(f"{prefix}_bn_up_{n_levels - 2 - res}")(x)
         self.core = tf.keras.Model(core_in, x)
-        self.run_core = tf.function(lambda t: self.core(t, training=False), input_signature=[spec(core_in.shape[-1])])
+        self.run_core = Piece(f"{prefix} core (levels {fine_levels}-{n_levels - 1}, whole volume)", tf.function(
+            lambda t: self.core(t, training=False), input_signature=[spec(core_in.shape[-1])]), fine_levels)
+        self.pieces: list[Piece] = [p for level in self.encoders for p in level] + [self.run_core] + [
+            p for level in reversed(self.decoders) for p in level]  # in the order they run
 
     def predict(self, image: np.ndarray, verbose: int = 0) -> np.ndarray:
         """Same call as ``Model.predict`` so either can serve the runner."""

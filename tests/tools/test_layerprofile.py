@@ -1,0 +1,55 @@
+"""make profile-layers (tools/layerprofile.py): every piece of the staged U-Net timed, FLOPs that add up to the
+network's, the bare-conv comparison, and a timer that changes no value."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from synthseg_native.tools import layerprofile
+
+
+def test_timed_pieces_compute_the_same_bits_and_count_every_call(weights):
+    from synthseg_native.api import Segmenter
+
+    with Segmenter(models=str(weights.need("seg2")), threads=2, backend="tf") as seg:
+        staged = seg.predictor.run_seg
+        image = np.random.default_rng(3).random((1, 64, 32, 32, 1), dtype=np.float32)
+        plain = staged.predict(image)
+        assert all(p.calls == 0 for p in staged.pieces)  # off by default: nothing counted
+        for piece in staged.pieces:
+            piece.timing = True
+        timed = staged.predict(image)
+        assert np.array_equal(plain, timed)
+        assert all(p.calls > 0 and p.seconds > 0 for p in staged.pieces)
+        by_label = {p.label: p for p in staged.pieces}
+        first = by_label["unet encoder 0 conv 0"]
+        assert first.calls == 64 // staged.slab and first.voxels == 64 * 32 * 32
+        assert len(by_label) == len(staged.pieces)  # labels name the pieces apart
+
+
+def test_profile_rows_add_up_to_the_network_flops_and_compare_with_bare_convs(weights, inputs, tmp_path, capsys):
+    from synthseg_native.api import Segmenter
+
+    models = str(weights.need("seg2"))
+    out = tmp_path / "layers.json"
+    rc = layerprofile.main(["--i", str(inputs["ras"]), "--models", models, "--threads", "2", "--crop", "64",
+                            "--repeats", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["grid"] == [64, 64, 64] and report["cpu"]["model"]
+    assert rows[-1]["piece"].startswith("rest of the network stage") and rows[-1]["seconds"] >= 0
+    conv = [r for r in rows if r["gflop"]]
+    assert len(conv) == 9  # 2 fine levels x (2 encoder + 2 decoder convs) + the core
+    with Segmenter(models=models, threads=2, backend="tf") as seg:
+        expected = seg.predictor.network_flop((64, 64, 64, 1))  # both passes, as --profile counts
+    assert sum(r["gflop"] for r in conv) == pytest.approx(expected / 1e9, rel=1e-9)
+    assert all(r["bare_seconds"] > 0 and r["shapes"] for r in conv)
+    assert sum(r["seconds"] for r in rows) == pytest.approx(report["network_seconds"], rel=1e-6)
+    assert report["network_vs_bare"] == pytest.approx(report["bare_conv_seconds"] / report["network_seconds"])
+    printed = capsys.readouterr().out
+    assert "| unet core (levels 2-4, whole volume) |" in printed and "% of the per-shape roofline" in printed
+
