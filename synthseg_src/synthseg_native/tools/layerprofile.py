@@ -30,11 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..api import Segmenter
 from ..engine.machine import cpu_flags, cpu_model
+from ..engine.preprocess import preprocess
 from ..errors import SynthSegError, UsageError
 from ..io.atomic import write_text
+from ..io.images import load_image
 from ..log import DONE, RUN
 from .demo import mni152_t1
+from .roofline import conv_time
 
 logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
@@ -68,8 +72,6 @@ class BareConvs:
 
     def rate(self, grid: tuple[int, ...], c_in: int, c_out: int, kernel: int) -> float:
         """GFLOP/s of a bare conv of this shape (measured on first use)."""
-        from .roofline import conv_time
-
         key = (tuple(grid), c_in, c_out, kernel)
         if key not in self.rates:
             gflop, sec = conv_time(tuple(grid), c_in, c_out, "float32", self.repeats, kernel)
@@ -138,10 +140,7 @@ def table(rows: list[Row]) -> list[str]:
 
 
 def profile(args: argparse.Namespace) -> dict:
-    from ..api import Segmenter
     from ..engine.backends.tf.network import StagedUNet
-    from ..engine.preprocess import preprocess
-    from ..io.images import load_image
 
     options = {"models": args.models, "threads": args.threads, "parc": args.parc, "fast": args.fast,
                "backend": "tf", "crop": args.crop}
