@@ -102,13 +102,11 @@ def piece_rows(staged, grid: tuple[int, int, int], bare: BareConvs | None) -> li
             row.shapes = sorted({shape_text(c.grid, c.c_in, c.c_out, c.kernel) for c in convs})
         elif piece.convs:
             row.gflop = piece.flop / 1e9
-            per_voxel = [(conv, conv.filters * (2 * int(np.prod(conv.kernel.shape[:-1])) + 1)) for conv in piece.convs]
+            shapes = [((conv.kernel.shape[-2], conv.filters, conv.kernel.shape[0]), flop)
+                      for conv, flop in piece.conv_flops()]
             if bare is not None:
-                row.bare_seconds = sum(
-                    piece.voxels * pv / 1e9 / bare.rate(level_grid, conv.kernel.shape[-2], conv.filters,
-                                                        conv.kernel.shape[0]) for conv, pv in per_voxel)
-            row.shapes = [shape_text(level_grid, conv.kernel.shape[-2], conv.filters, conv.kernel.shape[0])
-                          for conv, _ in per_voxel]
+                row.bare_seconds = sum(flop / 1e9 / bare.rate(level_grid, *shape) for shape, flop in shapes)
+            row.shapes = [shape_text(level_grid, *shape) for shape, _ in shapes]
         rows.append(row)
     return rows
 

@@ -72,6 +72,8 @@ def conv_time(grid: tuple[int, ...], c_in: int, c_out: int, dtype: str = "float3
     ``grid`` of ``c_in`` channels: the figure a network layer of that shape is measured against."""
     import tensorflow as tf
 
+    from ..engine.backends.tf.flops import per_voxel_flop
+
     layer = tf.keras.layers.Conv3D(c_out, kernel, padding="same", activation="elu", dtype=dtype)
     x = tf.random.stateless_uniform([1, *grid, c_in], seed=[1, 2], dtype="float32")
     x = tf.cast(x, dtype)
@@ -85,7 +87,7 @@ def conv_time(grid: tuple[int, ...], c_in: int, c_out: int, dtype: str = "float3
     voxels = 1
     for edge in grid:
         voxels *= edge
-    return voxels * c_out * (2 * kernel ** 3 * c_in + 1) / 1e9, statistics.median(times)
+    return voxels * per_voxel_flop(c_in, c_out, kernel) / 1e9, statistics.median(times)
 
 
 def run(threads: int | None, repeats: int, scale: float) -> dict:

@@ -16,6 +16,11 @@ import numpy as np
 import tensorflow as tf
 
 
+def per_voxel_flop(c_in: int, c_out: int, kernel: int, bias: bool = True) -> int:
+    """FLOPs of one output voxel of a ``kernel``³ convolution: 2 per multiply-add, 1 per bias value."""
+    return c_out * (2 * kernel ** 3 * c_in + (1 if bias else 0))
+
+
 @dataclass(frozen=True)
 class ConvShape:
     """One convolution of a traced graph: its output grid, channels and kernel edge, and its FLOPs."""
@@ -40,9 +45,8 @@ def conv_shapes(model: tf.keras.Model, shape: Sequence[int]) -> list[ConvShape]:
         out = op.outputs[0].shape.as_list()
         if None in kernel or None in out:
             raise ValueError(f"{op.name}: shapes not fully known ({kernel}, {out})")
-        flop = int(np.prod(out)) * 2 * int(np.prod(kernel[:-1]))  # k³·C_in multiply-adds per output value
-        if _has_bias(op):
-            flop += int(np.prod(out))
+        voxels = int(np.prod(out[:-1]))
+        flop = voxels * per_voxel_flop(kernel[-2], kernel[-1], kernel[0], _has_bias(op))
         grid = tuple(out[1:-1]) + (1,) * (3 - len(out[1:-1]))
         found.append(ConvShape(grid, kernel[-2], kernel[-1], kernel[0], flop))  # type: ignore[arg-type]
     return found

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from ....config import N_LEVELS
+from .flops import per_voxel_flop
 
 KL = tf.keras.layers
 
@@ -158,11 +159,15 @@ class Piece:
         self.voxels += int(np.prod(out.shape[1:4]))
         return out
 
+    def conv_flops(self) -> list[tuple[tf.keras.layers.Layer, int]]:
+        """Each convolution of the piece with its FLOPs for the voxels produced so far (as flops.py counts)."""
+        return [(conv, self.voxels * per_voxel_flop(conv.kernel.shape[-2], conv.filters, conv.kernel.shape[0]))
+                for conv in self.convs]
+
     @property
     def flop(self) -> int:
-        """Convolution FLOPs of the voxels produced so far (2 per multiply-add, 1 per bias), as flops.py counts."""
-        per_voxel = sum(conv.filters * (2 * int(np.prod(conv.kernel.shape[:-1])) + 1) for conv in self.convs)
-        return self.voxels * per_voxel
+        """Convolution FLOPs of the voxels produced so far."""
+        return sum(flop for _, flop in self.conv_flops())
 
 
 class StagedUNet:
