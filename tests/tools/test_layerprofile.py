@@ -53,3 +53,18 @@ def test_profile_rows_add_up_to_the_network_flops_and_compare_with_bare_convs(we
     printed = capsys.readouterr().out
     assert "| unet core (levels 2-4, whole volume) |" in printed and "% of the per-shape roofline" in printed
 
+
+
+def test_command_line_prints_only_tagged_lines_and_the_table(weights, inputs):
+    """Run as a program, TensorFlow's own start-up chatter must not reach the terminal (prepare_tensorflow first)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}  # as a user's shell: not this session's
+    r = subprocess.run([sys.executable, "-m", "synthseg_native.tools.layerprofile", "--i", str(inputs["ras"]),
+                        "--models", str(weights.need("seg2")), "--threads", "1", "--crop", "64", "--no-bare"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(line.startswith("[") for line in r.stderr.splitlines() if line.strip()), r.stderr[-3000:]
+    assert "| unet encoder 0 conv 0 |" in r.stdout and "[DONE] network stage" in r.stdout

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..api import Segmenter
+from ..engine.backends.tf.devices import prepare_tensorflow
 from ..engine.machine import cpu_flags, cpu_model
 from ..engine.preprocess import preprocess
 from ..errors import SynthSegError, UsageError
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.i).is_file():
         logger.error(f"{args.i}: no such image")
         return 2
+    prepare_tensorflow()  # TensorFlow's settings (oneDNN, quiet C++ logs) before anything imports it
     try:
         report = profile(args)
     except UsageError as exc:
