@@ -54,6 +54,11 @@ class UpstreamError(SynthSegError):
     """A problem with the upstream reference engine: bad checkout, bad flags, upstream crash."""
 
 
+class Cancelled(SynthSegError):
+    """Work on a scan was dropped because the batch was interrupted (its staged outputs are already removed);
+    raised in a batch's worker threads, which never see the signal itself."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP, turned into an exception so that temporaries and locks are cleaned up as for
     Ctrl-C (a KeyboardInterrupt subclass, so a per-image ``except Exception`` does not swallow it)."""

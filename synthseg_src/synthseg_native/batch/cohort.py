@@ -100,7 +100,6 @@ class Batch:
             self.shared = [p for p in (plan.vol[0], plan.qc[0]) if p]
         self.cached: list[int] = []
         self.counts = {"segmented": 0, "current": 0, "failed": 0}
-        self.busy = 0.0
         self.t0 = time.perf_counter()
         self.progress: Progress | None = None
         self._weights: dict[str, str] | None = None
@@ -171,7 +170,6 @@ class Batch:
     def done(self, k: int, seconds: float, stages: dict[str, float], volumes: np.ndarray | None,
              qc_scores: np.ndarray | None) -> None:
         self.counts["segmented"] += 1
-        self.busy += seconds
         if self.opts.resume:
             try:
                 P.write(scan_options(self.opts, self.plan, k), shared=self.shared, weights=self._weights)
@@ -215,20 +213,16 @@ class Batch:
             self.progress.close()
         c = self.counts
         if sum(c.values()) > 1 or c["current"]:
-            mean = f", {self.busy / c['segmented']:.1f} s per segmented scan" if c["segmented"] else ""
+            # the batch's wall time per scan, not the sum of the scans' own times: scans overlap (batch.pipeline)
+            wall = time.perf_counter() - self.t0
+            mean = f", {wall / c['segmented']:.1f} s per segmented scan" if c["segmented"] else ""
             logger.info(f"batch: {c['segmented']} segmented, {c['current']} current (skipped), "
-                             f"{c['failed']} failed in {fmt_seconds(time.perf_counter() - self.t0)}{mean}")
+                        f"{c['failed']} failed in {fmt_seconds(wall)}{mean}")
         if self.opts.snapshot and self.plan.images:
             try:
                 logger.info(f"cohort page: {snapshots.write_index(self.opts.snapshot)}")
             except OSError as exc:
                 logger.warning(f"no cohort page ({exc})")
-
-
-def stage_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Seconds per stage of one scan, from the batch's running totals (``Timings``) before and after it."""
-    return {stage: round(after[stage] - before.get(stage, 0.0), 3) for stage in after
-            if stage != "load_weights" and after[stage] > before.get(stage, 0.0)}
 
 
 def merge_tables(plan: Plan, header: list[str], target: str, n: int) -> int:

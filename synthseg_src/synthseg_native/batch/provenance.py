@@ -49,9 +49,10 @@ SCHEMA = 1
 EXIT_CURRENT, EXIT_ERROR, EXIT_USAGE, EXIT_STALE = 0, 1, 2, 3
 OUTPUT_FLAGS = ("o", "vol", "post", "resample", "qc")
 # Engine options that cannot change a result (or are covered by a digest: weights, checkout).
-# Batch options (--resume, --shard, --snapshot, --bids-suffix) only choose which scans run and what is shown.
+# Batch options (--resume, --shard, --snapshot, --bids-suffix, --no-overlap) only choose which scans run, in what
+# order of work, and what is shown.
 NOT_RESULT_FLAGS = {"i", *OUTPUT_FLAGS, "engine", "threads", "profile", "debug", "models", "synthseg_home",
-                    "resume", "shard", "snapshot", "bids_suffix"}
+                    "resume", "shard", "snapshot", "bids_suffix", "no_overlap"}
 
 
 def parse_engine_args(argv: list[str]) -> Options:

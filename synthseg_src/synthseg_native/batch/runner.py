@@ -15,24 +15,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..config import Options
+from ..engine import memory, segment
 from ..engine import predictor as engine
 from ..engine.preprocess import Prepared
-from ..engine.segment import memory_plan, segment_image
+from ..engine.segment import NetworkOutput, memory_plan
 from ..errors import InputError, LockedError, MemoryShortage, WeightsError
 from ..io import colours
 from ..io.atomic import StagedOutputs, check_writable, stale_temps
-from ..io.images import load_image, peek_image, save_image
+from ..io.images import LoadedImage, load_image, peek_image, save_image
 from ..io.locking import LockSet
 from ..log import DONE, RUN
+from . import pipeline
 from . import tables as V
-from .cohort import Batch, stage_deltas
+from .cohort import Batch
 from .plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -110,39 +114,19 @@ def run(opts: Options, plan: Plan, predictor: engine.Predictor | None = None) ->
         for out in plan.shared_outputs():
             for tmp in stale_temps(out):
                 tmp.unlink(missing_ok=True)
-        n = len(plan.images)
-        k = todo[0]
+        steps = ScanSteps(opts, plan, report, batch, predictor, timings, vol_table, qc_table)
+        flow: pipeline.Run[Job] = pipeline.Run(steps, overlap=not opts.no_overlap)
+        steps.checkpoint = flow.checkpoint
         batch.start(len(todo))
         try:
-            for k in todo:
-                path, scan = plan.images[k], report.scans[k]
-                t_start, before = time.perf_counter(), dict(timings.stages)
-                logger.log(RUN, f"{k + 1}/{n} {path}")
-                try:
-                    volumes, qc_scores = _one(opts, plan, k, predictor, timings, vol_table, qc_table)
-                except Exception as exc:  # one bad scan must not stop a batch; Ctrl-C still does
-                    msg = describe(exc, path)
-                    logger.error(msg)
-                    if opts.debug:
-                        traceback.print_exc()
-                    batch.failed(k, msg)
-                    scan.status, scan.error, scan.exception = "failed", msg, exc
-                    continue
-                seconds = time.perf_counter() - t_start
-                stages = stage_deltas(before, timings.stages)
-                detail = "".join(f", {stage} {sec:.1f} s" for stage, sec in stages.items())
-                logger.log(DONE, f"{path} -> {plan.seg[k]} ({seconds:.1f} s{detail})")
-                batch.done(k, seconds, stages, volumes, qc_scores)
-                scan.status, scan.seconds, scan.stages = "done", seconds, stages
-                scan.volumes = V.as_dict(batch.headers["vol"], V.volume_row(path, volumes))
-                if qc_scores is not None:
-                    scan.qc = V.as_dict(batch.headers["qc"], V.qc_row("", qc_scores))
+            flow.run(todo)
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
             if batch.progress:
                 batch.progress.close()
-            logger.error(f"interrupted ({signal.Signals(signum).name}) while segmenting {plan.images[k]}: no "
-                         f"partial output left; {batch.counts['segmented']} of {len(todo)} image(s) had finished")
+            logger.error(f"interrupted ({signal.Signals(signum).name}) while segmenting "
+                         f"{plan.images[steps.current]}: no partial output left; {batch.counts['segmented']} of "
+                         f"{len(todo)} image(s) had finished")
             if opts.debug:
                 traceback.print_exc()
             exc.reported = True  # type: ignore[attr-defined]  # the command line adds no second line
@@ -150,6 +134,7 @@ def run(opts: Options, plan: Plan, predictor: engine.Predictor | None = None) ->
         batch.close()
     if opts.profile:
         _profile_summary(timings)
+    n = len(plan.images)
     failed = [s.input for s in report.failed]
     if failed:
         if n > 1:  # a single image's failure is already its one [ERR] line
@@ -178,60 +163,158 @@ def describe(exc: BaseException, path: str) -> str:
     return detail if detail.startswith(path) else f"{path}: {detail}"
 
 
-def _one(opts: Options, plan: Plan, k: int, predictor: engine.Predictor, timings: engine.Timings,
-         vol_table: V.CsvTable | None, qc_table: V.CsvTable | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """One image, from checks to committed outputs: nothing of it reaches its final names unless all of it
-    was written. Returns its volumes and QC scores (for the cohort page)."""
-    outputs = plan.image_outputs(k)
-    for out in outputs:
-        check_writable(out)  # before minutes of work, not after
-    with LockSet(outputs), StagedOutputs() as stage:
-        for out in outputs + ([str(colours.sidecar_path(plan.seg[k]))] if opts.addctab else []):
+@dataclass(eq=False)
+class Job:
+    """One scan in flight: its files, locks and staged outputs, and what each step has produced so far."""
+
+    k: int
+    outputs: list[str]
+    locks: LockSet
+    stage: StagedOutputs
+    t_start: float
+    timings: engine.Timings = field(default_factory=engine.Timings)  # this scan's own (scans overlap)
+    decision: memory.Decision | None = None
+    img: LoadedImage | None = None
+    prep: Prepared | None = None
+    net: NetworkOutput | None = None
+    beside: float = 0.0  # bytes it holds while another scan's network runs (memory.beside_bytes)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _released: bool = False
+
+    def release(self) -> None:
+        """Its output locks, once (the writer after the commit, or the main thread abandoning it)."""
+        with self._guard:
+            if not self._released:
+                self._released = True
+                self.locks.__exit__(None, None, None)
+
+
+class ScanSteps:
+    """The runner's side of :class:`pipeline.Steps`: one scan from checks to committed outputs. Nothing of a scan
+    reaches its final names unless all of it was written; the bookkeeping of a finished or failed scan (log line,
+    tables, provenance, snapshot, progress, report) happens in :meth:`finish` and :meth:`failed`, in order."""
+
+    def __init__(self, opts: Options, plan: Plan, report: BatchReport, batch: Batch, predictor: engine.Predictor,
+                 timings: engine.Timings, vol_table: V.CsvTable | None, qc_table: V.CsvTable | None):
+        self.opts, self.plan, self.report, self.batch, self.predictor = opts, plan, report, batch, predictor
+        self.timings, self.vol_table, self.qc_table = timings, vol_table, qc_table
+        self.current = 0                              # the scan whose network runs (or ran last)
+        self.previous: Job | None = None              # the scan before it, maybe still being finished
+        self.checkpoint: Callable[[], None] = lambda: None
+
+    def started(self, k: int) -> None:
+        self.current = k
+        logger.log(RUN, f"{k + 1}/{len(self.plan.images)} {self.plan.images[k]}")
+
+    def create(self, k: int) -> Job:
+        outputs = self.plan.image_outputs(k)
+        for out in outputs:
+            check_writable(out)  # before minutes of work, not after
+        t_start = time.perf_counter()
+        locks = LockSet(outputs)
+        locks.__enter__()
+        for out in outputs + ([str(colours.sidecar_path(self.plan.seg[k]))] if self.opts.addctab else []):
             for tmp in stale_temps(out):  # left by a killed run; safe to remove under the lock
                 tmp.unlink(missing_ok=True)
-        rows, volumes, qc_scores = _segment(opts, plan, k, predictor, timings, vol_table, qc_table, stage)
-        stage.commit()
-    for table, row in rows:
-        table.committed(row)
-    return volumes, qc_scores
+        return Job(k, outputs, locks, StagedOutputs(), t_start)
 
+    def read(self, job: Job) -> None:
+        opts, path = self.opts, self.plan.images[job.k]
+        info = peek_image(path)
+        job.decision = memory_plan(path, info, opts, self.predictor)
+        job.beside = memory.beside_bytes(info, opts.crop, opts.fast, opts.robust, opts.parc, bool(opts.qc))
+        job.img = load_image(path)
+        job.prep = segment.prepare(opts, job.img, path, job.timings)
+        target = self.plan.resample[job.k]
+        if target is not None:
+            if job.prep.resampled is not None:
+                save_image(job.prep.resampled, job.prep.affine, job.prep.header, target, stage=job.stage)
+            else:
+                logger.info(f"{path}: already at 1 mm, no resampled image written")
 
-def _segment(opts: Options, plan: Plan, k: int, predictor: engine.Predictor, timings: engine.Timings,
-             vol_table: V.CsvTable | None, qc_table: V.CsvTable | None, stage: StagedOutputs
-             ) -> tuple[list[tuple[V.CsvTable, list[str]]], np.ndarray, np.ndarray | None]:
-    """The engine on image ``k`` with every output staged; returns the shared-CSV rows that become part of the
-    tables once the stage is committed, the volumes and the QC scores."""
-    path = plan.images[k]
-    decision = memory_plan(path, peek_image(path), opts, predictor)
-    img = load_image(path)
+    def fits(self, job: Job) -> bool:
+        """Its network beside the previous scan's finishing and the next scan's reading (taken to be its own
+        size), within the budget the memory plan used."""
+        decision = job.decision
+        if decision is None or decision.budget is None or self.previous is None:
+            return True
+        need = decision.tiled_need if decision.tiling is not None else decision.estimate.need
+        assert need is not None
+        return need + self.previous.beside + job.beside <= decision.budget
 
-    def write_resampled(prep: Prepared) -> None:
-        if plan.resample[k] is None:
-            return
-        if prep.resampled is not None:
-            save_image(prep.resampled, prep.affine, prep.header, plan.resample[k], stage=stage)
-        else:
-            logger.info(f"{path}: already at 1 mm, no resampled image written")
+    def network(self, job: Job) -> None:
+        assert job.prep is not None and job.decision is not None
+        job.net = segment.run_network(self.predictor, self.opts, job.prep, self.plan.images[job.k], job.decision,
+                                      job.timings)
+        job.prep.image = np.empty((0,), dtype=np.float32)  # the network input is spent: free it before the finish
+        self.previous = job
 
-    result = segment_image(predictor, opts, img, path, decision, timings, posteriors=plan.post[k] is not None,
-                           prepared=write_resampled)
-    t0 = time.perf_counter()
-    save_image(result.labels, result.affine, result.header, plan.seg[k], dtype="int32", stage=stage)
-    if opts.addctab:
-        colours.attach(plan.seg[k], result.labels, parc=opts.parc, stage=stage)
-    if plan.post[k] is not None:
-        save_image(result.posteriors, result.affine, result.header, plan.post[k], dtype="float32", stage=stage)
-    rows: list[tuple[V.CsvTable, list[str]]] = []
-    label_set = predictor.labels
-    if plan.vol[k] is not None:
-        row = V.volume_row(path, result.volumes)
-        table = vol_table or V.CsvTable(plan.vol[k], V.volume_columns(label_set, opts.parc), shared=False)
-        table.stage(row, stage)
-        rows.append((table, row))
-    if plan.qc[k] is not None and result.qc_scores is not None:
-        row = V.qc_row(path, result.qc_scores)
-        table = qc_table or V.CsvTable(plan.qc[k], V.qc_columns(label_set), shared=False)
-        table.stage(row, stage)
-        rows.append((table, row))
-    timings.add("write", time.perf_counter() - t0)
-    return rows, result.volumes, result.qc_scores
+    def finish(self, job: Job) -> None:
+        rows, volumes, qc_scores = self._write(job)
+        self.checkpoint()  # the last moment an interrupt may still drop this scan
+        job.stage.commit()
+        for table, row in rows:
+            table.committed(row)
+        job.release()
+        self._done(job, volumes, qc_scores)
+
+    def failed(self, k: int, exc: Exception) -> None:
+        path, scan = self.plan.images[k], self.report.scans[k]
+        msg = describe(exc, path)
+        logger.error(msg)
+        if self.opts.debug:
+            traceback.print_exception(exc)
+        self.batch.failed(k, msg)
+        scan.status, scan.error, scan.exception = "failed", msg, exc
+
+    def abandon(self, job: Job) -> None:
+        job.stage.abort()
+        job.release()
+        job.img = job.prep = job.net = None
+
+    def _write(self, job: Job) -> tuple[list[tuple[V.CsvTable, list[str]]], np.ndarray, np.ndarray | None]:
+        """Post-process scan ``job.k`` and stage all of its outputs; returns the shared-CSV rows that become part
+        of the tables once the stage is committed, the volumes and the QC scores."""
+        opts, plan, k, stage = self.opts, self.plan, job.k, job.stage
+        path = plan.images[k]
+        assert job.img is not None and job.prep is not None and job.net is not None
+        result = segment.finish(self.predictor, opts, job.img, job.prep, job.net, job.timings,
+                                posteriors=plan.post[k] is not None)
+        job.net = None
+        self.checkpoint()
+        t0 = time.perf_counter()
+        save_image(result.labels, result.affine, result.header, plan.seg[k], dtype="int32", stage=stage)
+        if opts.addctab:
+            colours.attach(plan.seg[k], result.labels, parc=opts.parc, stage=stage)
+        if plan.post[k] is not None:
+            self.checkpoint()
+            save_image(result.posteriors, result.affine, result.header, plan.post[k], dtype="float32", stage=stage)
+        rows: list[tuple[V.CsvTable, list[str]]] = []
+        label_set = self.predictor.labels
+        if plan.vol[k] is not None:
+            row = V.volume_row(path, result.volumes)
+            table = self.vol_table or V.CsvTable(plan.vol[k], V.volume_columns(label_set, opts.parc), shared=False)
+            table.stage(row, stage)
+            rows.append((table, row))
+        if plan.qc[k] is not None and result.qc_scores is not None:
+            row = V.qc_row(path, result.qc_scores)
+            table = self.qc_table or V.CsvTable(plan.qc[k], V.qc_columns(label_set), shared=False)
+            table.stage(row, stage)
+            rows.append((table, row))
+        job.timings.add("write", time.perf_counter() - t0)
+        return rows, result.volumes, result.qc_scores
+
+    def _done(self, job: Job, volumes: np.ndarray, qc_scores: np.ndarray | None) -> None:
+        k, path, scan = job.k, self.plan.images[job.k], self.report.scans[job.k]
+        seconds = time.perf_counter() - job.t_start
+        stages = {stage: round(sec, 3) for stage, sec in job.timings.stages.items() if sec > 0}
+        for stage, sec in job.timings.stages.items():
+            self.timings.add(stage, sec)
+        self.timings.network_flop += job.timings.network_flop
+        detail = "".join(f", {stage} {sec:.1f} s" for stage, sec in stages.items())
+        logger.log(DONE, f"{path} -> {self.plan.seg[k]} ({seconds:.1f} s{detail})")
+        self.batch.done(k, seconds, stages, volumes, qc_scores)
+        scan.status, scan.seconds, scan.stages = "done", seconds, stages
+        scan.volumes = V.as_dict(self.batch.headers["vol"], V.volume_row(path, volumes))
+        if qc_scores is not None:
+            scan.qc = V.as_dict(self.batch.headers["qc"], V.qc_row("", qc_scores))

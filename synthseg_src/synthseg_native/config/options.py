@@ -130,6 +130,11 @@ class Options:
     bids_suffix: list[str] = _opt(list(DEFAULT_BIDS_SUFFIXES), "With a BIDS dataset as --i: the anat suffixes to "
                                   "segment (default: T1w).", IO, flag="--bids-suffix", group=BATCH, nargs="+",
                                   metavar="SUFFIX")
+    no_overlap: bool = _opt(False, "Segment a batch's scans strictly one after another. By default the next scan "
+                            "is read and the previous one post-processed and written while the network runs (same "
+                            "outputs, byte for byte; a scan whose network would not fit in memory beside the "
+                            "previous scan's finishing waits for it).", RUN, flag="--no-overlap", group=BATCH,
+                            action="store_true")
     profile: bool = _opt(False, "Print the time spent in each stage.", RUN, action="store_true")
     debug: bool = _opt(False, "Show Python tracebacks and TensorFlow logs.", RUN, action="store_true")
 

@@ -129,6 +129,19 @@ def tiled_need(info: ImageInfo, tiling: tiling_.Tiling, fast: bool, robust: bool
             + INPUT_COPIES * 8.0 * math.prod(info.shape))
 
 
+def beside_bytes(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool,
+                 qc: bool = False) -> float:
+    """Host bytes a scan holds while *another* scan's network runs (a batch overlaps them, ``batch.pipeline``):
+    read and prepared before its own network (the input copies), or after it, post-processed and written (what
+    stays proportional to its whole grid: the tiled figures' per-grid share, FULL_PER_VOXEL). The larger of the
+    two, since a scan is in one role at a time."""
+    grid = float(math.prod(network_grid(info, crop)))
+    mode = _mode(fast, robust)
+    per_grid = FULL_PER_VOXEL[mode] + (FULL_PER_VOXEL_PARC if parc else 0.0) + (FULL_PER_VOXEL_QC if qc else 0.0)
+    before = INPUT_COPIES * 8.0 * math.prod(info.shape) + 4.0 * grid
+    return max(before, per_grid * grid)
+
+
 def _forced_tiles(text: str, grid: tuple[int, int, int]) -> tiling_.Tiling:
     """``$SYNTHSEG_TILES`` (``NxNxN``, tiles per axis) as a tiling of ``grid``; ValueError when it is none."""
     try:

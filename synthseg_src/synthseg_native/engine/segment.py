@@ -47,17 +47,42 @@ def memory_plan(name: str, info: ImageInfo, opts: Options, predictor: Predictor 
                          opts.max_memory_bytes, device)
 
 
+@dataclass
+class NetworkOutput:
+    """The networks' answer for one prepared image, before post-processing (on the padded network grid)."""
+
+    post_seg: np.ndarray             # (1, X, Y, Z, labels) segmentation posteriors
+    post_parc: np.ndarray | None     # parcellation posteriors (--parc)
+    qc_scores: np.ndarray | None     # the QC network's raw output (--qc)
+
+
 def segment_image(predictor: Predictor, opts: Options, img: LoadedImage, name: str, decision: memory.Decision,
                   timings: Timings, posteriors: bool = False,
                   prepared: Callable[[Prepared], None] | None = None) -> Segmentation:
     """Segment ``img`` (called ``name`` in messages) as ``opts`` asks; ``prepared`` sees the network input first
-    (the batch writes the resampled image from it while the network runs)."""
-    t0 = time.perf_counter()
-    prep = preprocess(img, name, crop=opts.crop, ct=opts.ct, min_pad=opts.crop)
+    (the batch writes the resampled image from it while the network runs).
+
+    The three steps are also callable one by one (:func:`prepare`, :func:`run_network`, :func:`finish`): a batch
+    runs them for different scans at the same time (``batch.pipeline``)."""
+    prep = prepare(opts, img, name, timings)
     if prepared is not None:
         prepared(prep)
+    net = run_network(predictor, opts, prep, name, decision, timings)
+    return finish(predictor, opts, img, prep, net, timings, posteriors=posteriors)
+
+
+def prepare(opts: Options, img: LoadedImage, name: str, timings: Timings) -> Prepared:
+    """Step 1: the network input (1 mm, normalised, padded or cropped), as upstream prepares it."""
+    t0 = time.perf_counter()
+    prep = preprocess(img, name, crop=opts.crop, ct=opts.ct, min_pad=opts.crop)
+    timings.add("preprocess", time.perf_counter() - t0)
+    return prep
+
+
+def run_network(predictor: Predictor, opts: Options, prep: Prepared, name: str, decision: memory.Decision,
+                timings: Timings) -> NetworkOutput:
+    """Step 2: the networks on ``prep`` (whole, or in the tiles ``decision`` chose)."""
     t1 = time.perf_counter()
-    timings.add("preprocess", t1 - t0)
     tiles = None
     if decision.tiling is not None:
         grid = prep.image.shape[1:4]  # the header's prediction of it is tested to be the same; if not, re-plan
@@ -71,19 +96,24 @@ def segment_image(predictor: Predictor, opts: Options, img: LoadedImage, name: s
         post_seg, post_parc, qc_scores = predictor.predict(prep.image)
     t2 = time.perf_counter()
     timings.add("network", t2 - t1)
-    if opts.profile:
+    if opts.profile:  # tracing the FLOP count is not network time: it happens after the stage's clock stopped
         if tiles is None:
             timings.network_flop += predictor.network_flop(prep.image.shape[1:])
         else:
             timings.network_flop += tiles.n_tiles * predictor.network_flop(tiles.tile_shape + prep.image.shape[4:])
         logger.info(f"profile {name}: network input {'x'.join(map(str, prep.image.shape[1:4]))}, {t2 - t1:.3f} s")
-        t2 = time.perf_counter()  # tracing the FLOP count is not network time
+    return NetworkOutput(post_seg, post_parc, qc_scores)
+
+
+def finish(predictor: Predictor, opts: Options, img: LoadedImage, prep: Prepared, net: NetworkOutput,
+           timings: Timings, posteriors: bool = False) -> Segmentation:
+    """Step 3: post-processing (upstream's), volumes, and the output grid (``--keepgeom``: the input's)."""
+    t2 = time.perf_counter()
     label_set = predictor.labels
-    labels_parc = L.parcellation_labels() if post_parc is not None else None
-    result = postprocess(post_seg, post_parc, prep.shape, prep.pad_idx, prep.crop_idx, label_set.labels,
+    labels_parc = L.parcellation_labels() if net.post_parc is not None else None
+    result = postprocess(net.post_seg, net.post_parc, prep.shape, prep.pad_idx, prep.crop_idx, label_set.labels,
                          labels_parc, prep.affine, prep.resolution, opts.fast or opts.robust,
                          label_set.topology, opts.v1, threads=opts.threads or os.cpu_count() or 1)
-    del post_seg, post_parc
     seg, post, affine = result.segmentation, result.posteriors, prep.affine
     if opts.keepgeom and prep.resampled is not None:
         seg = geometry.resample_like(seg, affine, img.data.shape, img.affine, order=0)
@@ -91,7 +121,7 @@ def segment_image(predictor: Predictor, opts: Options, img: LoadedImage, name: s
             post = geometry.resample_like(post, affine, img.data.shape, img.affine, order=1)
         affine = img.affine
     timings.add("postprocess", time.perf_counter() - t2)
-    return Segmentation(seg, post if posteriors else None, affine, prep.header, result.volumes, qc_scores, prep)
+    return Segmentation(seg, post if posteriors else None, affine, prep.header, result.volumes, net.qc_scores, prep)
 
 
 def tiling_note(name: str, decision: memory.Decision, tiles: tiling.Tiling) -> str:

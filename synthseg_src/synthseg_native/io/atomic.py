@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
-from ..errors import OutputError
+from ..errors import Cancelled, OutputError
 
 TEMP_TAG = ".tmp"  # temporary files are ".<target name>.<8 random chars>.tmp<ext>" beside the target
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
@@ -108,12 +108,14 @@ def check_writable(path: str | os.PathLike) -> None:
         raise OutputError(errno.EACCES, f"{target}: output folder {parent} is not writable")
 
 
-def _write_temp(target: Path, writer: Callable[[Path], None], temps: set[Path]) -> Path:
+def _write_temp(target: Path, writer: Callable[[Path], None], temps: set[Path],
+                guard: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext) -> Path:
     """Run ``writer`` on a fresh temporary beside ``target``, recorded in ``temps`` from the moment it
-    exists (whoever owns ``temps`` removes what is left there); on failure it is removed at once."""
+    exists (whoever owns ``temps`` removes what is left there); on failure it is removed at once.
+    ``guard`` is held while the temporary is created and recorded (a stage's lock, see :class:`StagedOutputs`)."""
     check_writable(target)
     try:
-        with deferred_signals():  # no interrupt between creating the file and recording it
+        with deferred_signals(), guard():  # no interrupt between creating the file and recording it
             tmp = _temp_path(target)
             temps.add(tmp)
     except OSError as exc:
@@ -123,7 +125,8 @@ def _write_temp(target: Path, writer: Callable[[Path], None], temps: set[Path]) 
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs follow the umask like any file
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        temps.discard(tmp)
+        with guard():
+            temps.discard(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(exc.errno, f"{target}: cannot write ({exc.strerror or exc})") from exc
         raise
@@ -158,20 +161,42 @@ class StagedOutputs:
     in the post-processing) removes every temporary and leaves each target as it was: an image's
     outputs are never half new, half missing. Signals are held back during the renames; a SIGKILL
     among them is what the provenance sidecar, written after them, guards against.
+
+    A batch writes one scan's files in a worker thread while the main thread, which alone receives
+    signals, may have to give up on it (``batch.pipeline``): :meth:`abort` may then be called from the
+    main thread at any moment. A lock makes it exclusive with creating a temporary and with the renames,
+    and after it the stage is closed: a later :meth:`write` or :meth:`commit` raises :class:`Cancelled`
+    instead of leaving a file behind or committing half a set.
     """
 
     def __init__(self) -> None:
         self._staged: dict[Path, Path] = {}  # target -> its latest temporary
         self._temps: set[Path] = set()       # every temporary not yet renamed or removed
+        self._lock = threading.RLock()
+        self._closed = False
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[None]:
+        """Held while a temporary is created and recorded: none may appear after :meth:`abort`."""
+        with self._lock:
+            if self._closed:
+                raise Cancelled("staged outputs were abandoned")
+            yield
 
     def write(self, path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
         target = Path(path)
-        tmp = _write_temp(target, writer, self._temps)
-        old = self._staged.get(target)
-        self._staged[target] = tmp
+        tmp = _write_temp(target, writer, self._temps, self._open)
+        try:
+            with self._open():
+                old = self._staged.get(target)
+                self._staged[target] = tmp
+        except Cancelled:  # abandoned meanwhile: a writer that opened the name after abort() made it anew
+            tmp.unlink(missing_ok=True)
+            raise
         if old is not None:  # staged twice (an .mgz rewritten with its colour table): the first one is spent
             old.unlink(missing_ok=True)
-            self._temps.discard(old)
+            with self._lock:
+                self._temps.discard(old)
 
     def source(self, path: str | os.PathLike) -> Path:
         """Where the staged content of ``path`` can be read before the commit (or ``path`` itself)."""
@@ -179,7 +204,7 @@ class StagedOutputs:
 
     def commit(self) -> None:
         """Rename everything into place; signals wait until the last rename, so Ctrl-C never splits a set."""
-        with deferred_signals():
+        with deferred_signals(), self._open():
             try:
                 for target, tmp in self._staged.items():
                     _rename(tmp, target, self._temps)
@@ -188,7 +213,9 @@ class StagedOutputs:
                 self.abort()
 
     def abort(self) -> None:
-        with deferred_signals():  # a second Ctrl-C must not stop the clean-up half-way
+        """Remove every temporary and close the stage (nothing more can be written or committed)."""
+        with deferred_signals(), self._lock:  # a second Ctrl-C must not stop the clean-up half-way
+            self._closed = True
             for tmp in self._temps:
                 tmp.unlink(missing_ok=True)
             self._temps.clear()
