@@ -204,3 +204,18 @@ def test_scan_with_few_slices_is_segmented(weights, mni_img, tmp_path, capsys):
     assert run("--i", src, "--o", out, "--models", weights.need("seg2"), "--fast", *CROP) == 0
     assert "very few slices" in capsys.readouterr().err
     assert nib.load(str(out)).shape[:2] == (72, 88)
+
+
+def test_timings_merge_sums_seconds_and_keeps_each_stages_own_peak():
+    """A batch merges each scan's record when the scan is done (scans overlap): the peak memory of a stage must
+    stay the one measured when that stage ended, not the process's peak at the time of the merge."""
+    from synthseg_native.engine.runtime import Timings
+
+    batch, scan = Timings(), Timings()
+    batch.stages, batch.peak_gb, batch.network_flop = {"load_weights": 1.0, "network": 2.0}, \
+        {"load_weights": 0.7, "network": 5.0}, 10
+    scan.stages, scan.peak_gb, scan.network_flop = {"network": 3.0, "write": 0.5}, {"network": 4.0, "write": 6.0}, 5
+    batch.merge(scan)
+    assert batch.stages == {"load_weights": 1.0, "network": 5.0, "write": 0.5}
+    assert batch.peak_gb == {"load_weights": 0.7, "network": 5.0, "write": 6.0}
+    assert batch.network_flop == 15

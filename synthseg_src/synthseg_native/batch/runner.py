@@ -308,9 +308,7 @@ class ScanSteps:
         k, path, scan = job.k, self.plan.images[job.k], self.report.scans[job.k]
         seconds = time.perf_counter() - job.t_start
         stages = {stage: round(sec, 3) for stage, sec in job.timings.stages.items() if sec > 0}
-        for stage, sec in job.timings.stages.items():
-            self.timings.add(stage, sec)
-        self.timings.network_flop += job.timings.network_flop
+        self.timings.merge(job.timings)
         detail = "".join(f", {stage} {sec:.1f} s" for stage, sec in stages.items())
         logger.log(DONE, f"{path} -> {self.plan.seg[k]} ({seconds:.1f} s{detail})")
         self.batch.done(k, seconds, stages, volumes, qc_scores)

@@ -19,6 +19,14 @@ class Timings:
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
         self.peak_gb[stage] = machine.peak_rss() / 1e9
 
+    def merge(self, other: Timings) -> None:
+        """Add another record's seconds and FLOPs (one scan's, into its batch's), keeping the peak memory each
+        stage had when it ended there, not now."""
+        for stage, seconds in other.stages.items():
+            self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+            self.peak_gb[stage] = max(self.peak_gb.get(stage, 0.0), other.peak_gb.get(stage, 0.0))
+        self.network_flop += other.network_flop
+
 
 @dataclass(frozen=True)
 class Runtime:
