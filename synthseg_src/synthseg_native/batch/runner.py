@@ -171,7 +171,6 @@ class Job:
     outputs: list[str]
     locks: LockSet
     stage: StagedOutputs
-    t_start: float
     timings: engine.Timings = field(default_factory=engine.Timings)  # this scan's own (scans overlap)
     decision: memory.Decision | None = None
     img: LoadedImage | None = None
@@ -210,13 +209,12 @@ class ScanSteps:
         outputs = self.plan.image_outputs(k)
         for out in outputs:
             check_writable(out)  # before minutes of work, not after
-        t_start = time.perf_counter()
         locks = LockSet(outputs)
         locks.__enter__()
         for out in outputs + ([str(colours.sidecar_path(self.plan.seg[k]))] if self.opts.addctab else []):
             for tmp in stale_temps(out):  # left by a killed run; safe to remove under the lock
                 tmp.unlink(missing_ok=True)
-        return Job(k, outputs, locks, StagedOutputs(), t_start)
+        return Job(k, outputs, locks, StagedOutputs())
 
     def read(self, job: Job) -> None:
         opts, path = self.opts, self.plan.images[job.k]
@@ -306,8 +304,10 @@ class ScanSteps:
 
     def _done(self, job: Job, volumes: np.ndarray, qc_scores: np.ndarray | None) -> None:
         k, path, scan = job.k, self.plan.images[job.k], self.report.scans[job.k]
-        seconds = time.perf_counter() - job.t_start
+        # Its own work: the sum of its stages. Its wall time from the first check would also count the time it
+        # waited in the pipeline for the scan before it, which scans that overlap make meaningless.
         stages = {stage: round(sec, 3) for stage, sec in job.timings.stages.items() if sec > 0}
+        seconds = sum(job.timings.stages.values())
         self.timings.merge(job.timings)
         detail = "".join(f", {stage} {sec:.1f} s" for stage, sec in stages.items())
         logger.log(DONE, f"{path} -> {self.plan.seg[k]} ({seconds:.1f} s{detail})")
