@@ -4,7 +4,6 @@ network), thread-safe staging, and real batches whose outputs must equal ``--no-
 from __future__ import annotations
 
 import filecmp
-import os
 import signal
 import subprocess
 import sys
@@ -103,20 +102,6 @@ def test_every_scan_in_order_with_its_steps_in_their_threads(overlap):
         assert steps.threads["read"] == {"synthseg-read"} and steps.threads["finish"] == {"synthseg-write"}
     else:
         assert steps.threads["read"] == steps.threads["finish"] == {main}
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_the_workers_run_below_the_network():
-    steps = FakeSteps()
-    seen: dict[str, int] = {}
-
-    def niceness(step: str) -> object:
-        return lambda: seen.setdefault(step, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-    for step, k in (("read", 1), ("finish", 0), ("network", 0)):
-        steps.hooks[(step, k)] = niceness(step)
-    run(steps, [0, 1])
-    assert seen["read"] == seen["finish"] == min(19, seen["network"] + pipeline.WORKER_NICE)
 
 
 def test_the_next_scan_is_read_and_the_previous_finished_while_the_network_runs():

@@ -25,11 +25,8 @@ What stays as it was (tests/batch/test_pipeline.py):
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -41,7 +38,6 @@ from ..errors import Cancelled
 logger = logging.getLogger(__name__)
 
 GRACE_S = 2.0  # how long an interrupted batch waits for its workers to reach a step's end before abandoning
-WORKER_NICE = 10  # the reader's and writer's niceness above the process's (Linux): the network sets the pace
 
 J = TypeVar("J")
 
@@ -75,16 +71,11 @@ class Steps(Protocol[J]):
 
 
 class Worker:
-    """One daemon thread that runs submitted calls one after another, in order.
+    """One daemon thread that runs submitted calls one after another, in order."""
 
-    ``nice``: the thread's scheduling niceness on Linux (threads it starts inherit it). The workers run at
-    :data:`WORKER_NICE` so that on a machine whose cores the network already uses they take the cycles the network
-    leaves idle (its single-threaded moments) instead of slowing its parallel ones; elsewhere it is ignored."""
-
-    def __init__(self, name: str, nice: int = 0):
+    def __init__(self, name: str):
         self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = \
             queue.SimpleQueue()
-        self._nice = nice
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -98,10 +89,6 @@ class Worker:
         self._queue.put(None)
 
     def _loop(self) -> None:
-        if self._nice and sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError):  # relative to the process's own niceness: only ever lowers it
-                tid = threading.get_native_id()
-                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._nice))
         while (item := self._queue.get()) is not None:
             future, fn, args = item
             if not future.set_running_or_notify_cancel():
@@ -177,7 +164,7 @@ class Run(Generic[J]):
         if not self.overlap or len(todo) < 2:
             self._sequential(todo)
             return
-        reader, writer = Worker("synthseg-read", WORKER_NICE), Worker("synthseg-write", WORKER_NICE)
+        reader, writer = Worker("synthseg-read"), Worker("synthseg-write")
         opening: Future[Any] | None = reader.submit(self._open, todo[0])
         finishing: Future[Any] | None = None
         try:
