@@ -168,6 +168,25 @@ def test_interrupt_abandons_what_is_in_flight_and_propagates_quickly():
     assert ("create", 3) not in steps.events
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_failure_of_the_bookkeeping_itself_stops_the_batch_and_lets_go_of_everything(overlap):
+    """Not a scan's failure (that is reported and the batch goes on) but the batch's own, e.g. a shared table that
+    can no longer be written: it propagates, one at a time or overlapped, and no job stays locked."""
+    steps = FakeSteps()
+
+    def broken_table() -> None:
+        raise RuntimeError("table gone")
+
+    steps.hooks[("network", 1)] = fail
+    steps.hooks[("failed", 1)] = broken_table  # reporting scan 1's failure fails
+    steps.hooks[("network", 3)] = lambda: time.sleep(0.3)  # the writer's error is seen while the batch still runs
+    with pytest.raises(RuntimeError, match="table gone"):
+        run(steps, list(range(6)), overlap=overlap)
+    created = {k for step, k in steps.events if step == "create"}
+    assert created <= set(steps.abandoned)
+    assert ("done", 5) not in steps.events
+
+
 def test_staged_outputs_abandoned_from_another_thread_leave_nothing(tmp_path):
     stage = StagedOutputs()
     target = tmp_path / "seg.nii.gz"

@@ -167,6 +167,15 @@ class Run(Generic[J]):
         reader, writer = Worker("synthseg-read"), Worker("synthseg-write")
         opening: Future[Any] | None = reader.submit(self._open, todo[0])
         finishing: Future[Any] | None = None
+        queued: list[Future[Any]] = []  # the writer's calls not yet checked for an error of their own
+
+        def write(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+            future = writer.submit(fn, *args)
+            queued.append(future)
+            while queued and queued[0].done():
+                queued.pop(0).result()  # bookkeeping that failed stops the batch, as it does one at a time
+            return future
+
         try:
             for i, k in enumerate(todo):
                 self.steps.started(k)
@@ -175,7 +184,7 @@ class Run(Generic[J]):
                 opening = reader.submit(self._open, todo[i + 1]) if i + 1 < len(todo) else None
                 if job is None:
                     assert error is not None
-                    writer.submit(self._failed, k, error)  # the writer's queue keeps the plan's order
+                    write(self._failed, k, error)  # the writer's queue keeps the plan's order
                     continue
                 if finishing is not None and not self.steps.fits(job):
                     finishing.result()  # the budget holds this scan's network, not also the previous one's finish
@@ -183,11 +192,12 @@ class Run(Generic[J]):
                     self.steps.network(job)
                 except Exception as exc:
                     self._drop(job)
-                    writer.submit(self._failed, k, exc)
+                    write(self._failed, k, exc)
                     continue
-                finishing = writer.submit(self._finish, k, job)
-            writer.submit(lambda: None).result()  # everything queued has run
-        except KeyboardInterrupt:
+                finishing = write(self._finish, k, job)
+            for future in queued:
+                future.result()
+        except BaseException:  # Ctrl-C/SIGTERM, or a failure of the batch itself: nothing in flight may stay behind
             self._interrupted([f for f in (opening, finishing) if f is not None])
             raise
         finally:
@@ -210,7 +220,7 @@ class Run(Generic[J]):
                     self._failed(k, exc)
                     continue
                 self._finish(k, job)
-        except KeyboardInterrupt:
+        except BaseException:
             self.cancel.set()
             self._abandon_all()
             raise

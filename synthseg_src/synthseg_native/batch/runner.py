@@ -28,7 +28,7 @@ from ..engine import memory, segment
 from ..engine import predictor as engine
 from ..engine.preprocess import Prepared
 from ..engine.segment import NetworkOutput, memory_plan
-from ..errors import InputError, LockedError, MemoryShortage, WeightsError
+from ..errors import Cancelled, InputError, LockedError, MemoryShortage, WeightsError
 from ..io import colours
 from ..io.atomic import StagedOutputs, check_writable, stale_temps
 from ..io.images import LoadedImage, load_image, peek_image, save_image
@@ -177,8 +177,15 @@ class Job:
     prep: Prepared | None = None
     net: NetworkOutput | None = None
     beside: float = 0.0  # bytes it holds while another scan's network runs (memory.beside_bytes)
-    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _guard: threading.RLock = field(default_factory=threading.RLock)
     _released: bool = False
+
+    def acquire(self) -> None:
+        """Its output locks; refused once the job was let go (an interrupted batch may abandon it meanwhile)."""
+        with self._guard:
+            if self._released:
+                raise Cancelled("the scan was abandoned")
+            self.locks.__enter__()
 
     def release(self) -> None:
         """Its output locks, once (the writer after the commit, or the main thread abandoning it)."""
@@ -206,17 +213,19 @@ class ScanSteps:
         logger.log(RUN, f"{k + 1}/{len(self.plan.images)} {self.plan.images[k]}")
 
     def create(self, k: int) -> Job:
+        """The checks that cost nothing, before minutes of work; it holds nothing yet (the pipeline records the job
+        before :meth:`read` takes its locks, so an interrupt at any moment finds them)."""
         outputs = self.plan.image_outputs(k)
         for out in outputs:
-            check_writable(out)  # before minutes of work, not after
-        locks = LockSet(outputs)
-        locks.__enter__()
-        for out in outputs + ([str(colours.sidecar_path(self.plan.seg[k]))] if self.opts.addctab else []):
-            for tmp in stale_temps(out):  # left by a killed run; safe to remove under the lock
-                tmp.unlink(missing_ok=True)
-        return Job(k, outputs, locks, StagedOutputs())
+            check_writable(out)
+        return Job(k, outputs, LockSet(outputs), StagedOutputs())
 
     def read(self, job: Job) -> None:
+        job.acquire()
+        for out in job.outputs + ([str(colours.sidecar_path(self.plan.seg[job.k]))] if self.opts.addctab else []):
+            for tmp in stale_temps(out):  # left by a killed run; safe to remove under the lock
+                tmp.unlink(missing_ok=True)
+        self.checkpoint()
         opts, path = self.opts, self.plan.images[job.k]
         info = peek_image(path)
         job.decision = memory_plan(path, info, opts, self.predictor)
