@@ -6,8 +6,10 @@ writability and locked before an image is read, the memory it needs is estimated
 (over the budget, the network runs in overlapping tiles), and all of its files (and its row of a
 shared CSV) are staged and renamed into place together, so a failure or an interrupt leaves no
 partial output and no other image is lost. The steps of one image are the engine's
-(:func:`synthseg_native.engine.segment.segment_image`); the bookkeeping around them (resume,
-provenance, snapshots, progress) is :class:`synthseg_native.batch.cohort.Batch`'s.
+(:mod:`synthseg_native.engine.segment`: prepare, run_network, finish), which :mod:`.pipeline` runs for
+three scans at once (the next one read, the previous one written while the network runs); the
+bookkeeping around them (resume, provenance, snapshots, progress) is
+:class:`synthseg_native.batch.cohort.Batch`'s.
 """
 
 from __future__ import annotations
