@@ -106,7 +106,7 @@ def tf_and_torch(key: str, folder) -> tuple[object, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("key,channels,bound", [("seg2", 1, 2e-4), ("seg1", 1, 2e-4), ("parc", 3, 2e-4),
-                                                ("robust", 1, 2e-4), ("qc", 9, 1e-4)])
+                                                ("qc", 9, 1e-4)])
 def test_network_agrees_with_tensorflow(weights, key, channels, bound):
     folder = weights.need(key)
     tf_model, torch_model = tf_and_torch(key, folder)
@@ -125,6 +125,30 @@ def test_network_agrees_with_tensorflow(weights, key, channels, bound):
     assert diff < bound, f"{key}: max |torch - tf| = {diff:.3g}"
     if key != "qc":
         assert (ours.argmax(-1) != theirs.argmax(-1)).mean() < 1e-3
+
+
+def test_robust_agrees_with_tensorflow_stage_by_stage(weights):
+    """SynthSeg-robust is three U-Nets joined by hard decisions (argmax, one-hot). Each U-Net must agree with
+    TensorFlow's to float32 rounding when given the same input, TF's own decisions included. The whole cascade
+    cannot be held to that bound: where two groups nearly tie (random input and test weights: everywhere), another
+    CPU's rounding (AVX2 vs AVX-512) flips a decision and the 5x5x5 convolutions after it spread the change (seen:
+    max |diff| 0.25 on an AMD VM with AVX2 only, 0.6 % of the voxels' labels). So the cascade is checked by how
+    many labels agree."""
+    import tensorflow as tf
+
+    tf_model, torch_model = tf_and_torch("robust", weights.need("robust"))
+    x = np.random.default_rng(1).random((1, 32, 32, 64, 1), dtype=np.float32)
+    names = ["unet_prediction", "stage1_onehot", "l2l_prediction", "stage2_concat", "unet2_prediction"]
+    stages = tf.keras.Model(tf_model.inputs, [tf_model.get_layer(n).output for n in names]).predict(x, verbose=0)
+    unet1, onehot1, l2l, joined, final = stages
+    for label, torch_net, given, theirs in (("unet", torch_model.unet, x, unet1),
+                                            ("l2l", torch_model.l2l, onehot1, l2l),
+                                            ("unet2", torch_model.unet2, joined, final)):
+        diff = float(np.abs(torch_out(torch_net, given.astype(np.float32)) - theirs).max())
+        assert diff < 2e-4, f"robust {label}: max |torch - tf| = {diff:.3g}"
+    ours = torch_out(torch_model, x)
+    assert ours.shape == final.shape
+    assert (ours.argmax(-1) != final.argmax(-1)).mean() < 0.02
 
 
 def test_misshaped_or_missing_layer_is_named(weights, tmp_path):
