@@ -110,7 +110,7 @@ def estimate(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, 
         return Estimate(grid, DEVICE_BASE_BYTES + per_voxel * voxels + (DEVICE_QC_BYTES if qc else 0.0))
     per_voxel = PER_VOXEL[mode] + (PER_VOXEL_PARC if parc else 0.0)
     need = (BASE_BYTES + per_voxel * voxels + (QC_BYTES if qc else 0.0)
-            + INPUT_COPIES * 8.0 * math.prod(info.shape))
+            + _input_bytes(info))
     return Estimate(grid, need)
 
 
@@ -124,9 +124,9 @@ def tiled_need(info: ImageInfo, tiling: tiling_.Tiling, fast: bool, robust: bool
         per_voxel = DEVICE_PER_VOXEL[mode] + (DEVICE_PER_VOXEL_PARC if parc else 0.0)
         return DEVICE_BASE_BYTES + per_voxel * tile + (DEVICE_QC_BYTES if qc else 0.0)
     per_tile = PER_VOXEL[mode] + (PER_VOXEL_PARC if parc else 0.0)
-    per_grid = FULL_PER_VOXEL[mode] + (FULL_PER_VOXEL_PARC if parc else 0.0) + (FULL_PER_VOXEL_QC if qc else 0.0)
+    per_grid = _per_grid_voxel(mode, parc, qc)
     return (BASE_BYTES + per_tile * tile + per_grid * grid + (QC_BYTES if qc else 0.0)
-            + INPUT_COPIES * 8.0 * math.prod(info.shape))
+            + _input_bytes(info))
 
 
 def beside_bytes(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool,
@@ -137,9 +137,19 @@ def beside_bytes(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bo
     two, since a scan is in one role at a time."""
     grid = float(math.prod(network_grid(info, crop)))
     mode = _mode(fast, robust)
-    per_grid = FULL_PER_VOXEL[mode] + (FULL_PER_VOXEL_PARC if parc else 0.0) + (FULL_PER_VOXEL_QC if qc else 0.0)
-    before = INPUT_COPIES * 8.0 * math.prod(info.shape) + 4.0 * grid
+    per_grid = _per_grid_voxel(mode, parc, qc)
+    before = _input_bytes(info) + 4.0 * grid
     return max(before, per_grid * grid)
+
+
+def _input_bytes(info: ImageInfo) -> float:
+    """Preprocessing's copies of the input (float64 input, its blurred copy, the resampled grid)."""
+    return INPUT_COPIES * 8.0 * math.prod(info.shape)
+
+
+def _per_grid_voxel(mode: str, parc: bool, qc: bool) -> float:
+    """Bytes per voxel of the whole padded grid that stay after the network (stitched posteriors, post-processing)."""
+    return FULL_PER_VOXEL[mode] + (FULL_PER_VOXEL_PARC if parc else 0.0) + (FULL_PER_VOXEL_QC if qc else 0.0)
 
 
 def _forced_tiles(text: str, grid: tuple[int, int, int]) -> tiling_.Tiling:
