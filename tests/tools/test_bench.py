@@ -119,6 +119,35 @@ def test_bench_without_hyperfine_says_how_to_install(tmp_path, monkeypatch, caps
     assert "[ERR] hyperfine not found" in err and "apt-get install hyperfine" in err and "never 'pip" in err
 
 
+def test_one_native_engine_per_backend_and_precision(tmp_path, monkeypatch):
+    """PRECISIONS="fp32 bf16" times the exact and the bf16 engine in the same run as the reference (ratios from
+    different runs are not comparable on these machines); fp32 keeps the plain names the gate and reports use."""
+    monkeypatch.delenv("SYNTHSEG_HOME", raising=False)
+    monkeypatch.setattr(bench, "docker_unavailable", lambda: "no docker here")
+    todo, skipped = bench.engines(tmp_path / "t1.nii.gz", ["--fast"], 2, "w", tmp_path, "py",
+                                  ("tf", "torch"), ("fp32", "bf16"))
+    names = [e.name for e in todo] + [n for n in skipped if n.startswith("native")]
+    assert sorted(names) == ["native", "native-bf16", "native-torch", "native-torch-bf16"]
+    by_name = {e.name: e for e in todo}
+    assert "--precision" not in by_name["native"].argv
+    bf16 = by_name["native-bf16"].argv
+    assert bf16[bf16.index("--precision") + 1] == "bf16" and "--fast" in bf16 and "--backend" not in bf16
+    assert len({e.out for e in todo}) == len(todo)  # each engine its own output folder
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--precisions", "fp32 fp8"], "PRECISIONS takes fp32, bf16"),
+    (["--flags", "--precision bf16"], "give the precision as PRECISIONS"),
+])
+def test_bench_refuses_precisions_it_cannot_run(extra, message, tmp_path, tiny, capsys):
+    if shutil.which("hyperfine") is None:
+        pytest.skip("hyperfine (the CLI tool) is not installed; CI has it")
+    rc = bench.main(["--in", str(tiny), "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"),
+                     "--models", str(tmp_path), *extra])
+    assert rc == 1
+    assert message in capsys.readouterr().err
+
+
 def test_rss_wrapper_records_the_child(tmp_path):
     record = tmp_path / "rss.jsonl"
     code = "import numpy as np; a = np.ones(60_000_000); print(a.sum())"  # ~480 MB

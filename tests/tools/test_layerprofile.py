@@ -68,3 +68,20 @@ def test_command_line_prints_only_tagged_lines_and_the_table(weights, inputs):
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(line.startswith("[") for line in r.stderr.splitlines() if line.strip()), r.stderr[-3000:]
     assert "| unet encoder 0 conv 0 |" in r.stdout and "[DONE] network stage" in r.stdout
+
+
+def test_bf16_profile_holds_the_network_to_bare_convs_of_its_own_precision(weights, inputs, tmp_path, capfd):
+    """A bf16 network compared with fp32 bare convs would look twice as efficient as it is: the bare convs follow
+    the precision the run was granted (bf16 where the CPU has it, else the fp32 it fell back to)."""
+    from synthseg_native.engine.machine import cpu_has_bf16
+
+    out = tmp_path / "layers.json"
+    rc = layerprofile.main(["--i", str(inputs["ras"]), "--models", str(weights.need("seg2")), "--threads", "2",
+                            "--crop", "64", "--repeats", "1", "--precision", "bf16", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    granted = "bf16" if cpu_has_bf16() else "fp32"
+    assert report["precision"] == granted
+    logged = capfd.readouterr().err
+    assert f"bare {layerprofile.BARE_DTYPES[granted]} conv 3^3 24->24" in logged
+    assert all(r["bare_seconds"] > 0 for r in report["rows"] if r["gflop"])

@@ -10,6 +10,8 @@ The default input is the MNI152 T1 inside nilearn, so a fresh machine can run it
 weights it uses seeded test weights and says so: run time does not depend on the weight values.
 
 Usage: synthseg-native-bench [--in IMG] [--runs 5] [--warmup 1] [--threads N] [--flags "..."]
+           [--backends "tf torch"] [--precisions "fp32 bf16"] [--max-time-ratio R] [--max-rss-ratio R]
+           [--min-agreement PCT]
        python -m synthseg_native.tools.bench rss --record FILE -- CMD...   (internal: peak RSS of one run)
 """
 
@@ -30,6 +32,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config.options import PRECISIONS
 from ..config.parser import parse
 from ..engine import machine
 from ..engine.backends.tf.devices import prepare_tensorflow
@@ -138,10 +141,17 @@ def resolve_weights(models: str | None, flags: list[str], work: Path) -> tuple[s
     return str(folder), True
 
 
-def engines(image: Path, flags: list[str], threads: int, models: str, work: Path,
-            python: str, backends: tuple[str, ...] = ("tf",)) -> tuple[list[Engine], dict[str, str]]:
+def native_name(backend: str, precision: str) -> str:
+    """``native`` is the TF backend in fp32 (the exact engine); others add ``-torch`` and/or ``-bf16`` etc."""
+    return "native" + ("" if backend == "tf" else f"-{backend}") + ("" if precision == "fp32" else f"-{precision}")
+
+
+def engines(image: Path, flags: list[str], threads: int, models: str, work: Path, python: str,
+            backends: tuple[str, ...] = ("tf",), precisions: tuple[str, ...] = ("fp32",)
+            ) -> tuple[list[Engine], dict[str, str]]:
     """The engines that can run here, and a reason for each one that cannot: the native engine once per backend
-    (``native`` is the TF backend, ``native-torch`` the PyTorch one), the upstream reference, Docker."""
+    and precision (``native`` is the TF backend in fp32, ``native-torch`` the PyTorch one, ``native-bf16`` the TF
+    backend in bf16: all timed in the one run, against the same reference), the upstream reference, Docker."""
     out: list[Engine] = []
     skipped: dict[str, str] = {}
     base = ["--i", str(image), "--threads", str(threads), "--models", models, *flags]
@@ -152,12 +162,15 @@ def engines(image: Path, flags: list[str], threads: int, models: str, work: Path
                              "--vol", str(folder / "vol.csv"), *extra], {}, folder)
 
     for backend in backends:
-        if backend == "tf":
-            out.append(cli("native", []))
-        elif importlib.util.find_spec(backend) is None:
-            skipped[f"native-{backend}"] = f"{backend} is not installed in this environment (make setup installs it)"
-        else:
-            out.append(cli(f"native-{backend}", ["--backend", backend, "--device", "cpu"]))
+        for precision in precisions:
+            name = native_name(backend, precision)
+            extra = [] if precision == "fp32" else ["--precision", precision]
+            if backend == "tf":
+                out.append(cli(name, extra))
+            elif importlib.util.find_spec(backend) is None:
+                skipped[name] = f"{backend} is not installed in this environment (make setup installs it)"
+            else:
+                out.append(cli(name, ["--backend", backend, "--device", "cpu", *extra]))
     home = os.environ.get("SYNTHSEG_HOME")
     if not home:
         skipped["reference"] = "SYNTHSEG_HOME is not set (an upstream SynthSeg checkout runs the reference engine)"
@@ -282,6 +295,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flags", default="", help="SynthSeg flags for every engine, e.g. '--parc --robust'.")
     p.add_argument("--backends", default="tf", help="Native backends to time side by side: 'tf', 'torch' or "
                    "'tf torch' (torch runs --device cpu: the CPU comparison).")
+    p.add_argument("--precisions", default="fp32", help="Precisions of the native engines, e.g. 'fp32 bf16' "
+                   "(each backend in each; one that this machine lacks falls back to fp32 with a [WARN], as the "
+                   "command line does).")
     p.add_argument("--models", help="Weights folder (default: the usual search order, else test weights).")
     p.add_argument("--results", help="Report folder (default: results/<date>-<host>/).")
     p.add_argument("--work", help="Scratch folder for inputs, weights and outputs (default: results/tmp/bench).")
@@ -313,6 +329,17 @@ def bench(args: argparse.Namespace) -> int:
         raise BenchError(f"hyperfine not found: {HYPERFINE_HINT}")
     if args.runs < 1 or args.warmup < 0:
         raise BenchError(f"RUNS must be >= 1 and WARMUP >= 0 (got {args.runs}, {args.warmup})")
+    flags = shlex.split(args.flags)
+    backends = tuple(args.backends.split())
+    unknown = [b for b in backends if b not in ("tf", "torch")]
+    if unknown or not backends:
+        raise BenchError(f"BACKENDS takes tf and/or torch, not {args.backends!r}")
+    precisions = tuple(dict.fromkeys(args.precisions.split()))
+    wrong = [x for x in precisions if x not in PRECISIONS]
+    if wrong or not precisions:
+        raise BenchError(f"PRECISIONS takes {', '.join(PRECISIONS)}, not {args.precisions!r}")
+    if "--precision" in flags:
+        raise BenchError("give the precision as PRECISIONS=..., not in FLAGS (the reference runs fp32 only)")
     python = sys.executable
     res = Path(args.results) if args.results else default_results_dir()
     work = Path(args.work) if args.work else PROJECT / "results" / "tmp" / "bench"
@@ -321,14 +348,9 @@ def bench(args: argparse.Namespace) -> int:
     image = Path(args.image).resolve() if args.image else default_input(work / "input")
     if not image.is_file() or image_extension(str(image)) is None:
         raise BenchError(f"{image}: not an image file (.nii, .nii.gz or .mgz)")
-    flags = shlex.split(args.flags)
     threads = args.threads or os.cpu_count() or 1
     models, test_weights = resolve_weights(args.models, flags, work)
-    backends = tuple(args.backends.split())
-    unknown = [b for b in backends if b not in ("tf", "torch")]
-    if unknown or not backends:
-        raise BenchError(f"BACKENDS takes tf and/or torch, not {args.backends!r}")
-    todo, skipped = engines(image, flags, threads, models, work, python, backends)
+    todo, skipped = engines(image, flags, threads, models, work, python, backends, precisions)
     for name, why in skipped.items():
         logger.log(SKIP, f"{name}: {why}")
     records = {e.name: work / f"rss-{e.name}.jsonl" for e in todo}

@@ -9,12 +9,13 @@ grid of its level, with the same TensorFlow build and threads. Per conv piece: s
 share of the bare conv's speed it reaches; the rest of the network stage (posterior blur and flip average, slab
 copies and assembly) is one row, the blur's cost per pass measured apart. The last line is the FLOP-weighted
 figure the performance target is about: the time the network's convolutions would take at the bare-conv speed of
-their shapes, over the network stage's real time.
+their shapes, over the network stage's real time. With ``--precision bf16`` the network runs in bf16 and so do the
+bare convs it is compared with (a bf16 network held to fp32 convs would look better than it is).
 
 The timed run computes the same values as an untimed one (the pieces are only wrapped by a timer).
 
 Usage: synthseg-native-layerprofile [--i scan.nii.gz] [--models DIR] [--threads N] [--parc] [--fast]
-           [--repeats R] [--out profile.json]
+           [--precision fp32|bf16] [--repeats R] [--out profile.json]
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from .demo import mni152_t1
 from .roofline import conv_time
 
 logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
+# the precision the network ran in (the runtime's, after any fallback) -> the dtype of the bare convs it is held to
+BARE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -67,17 +70,18 @@ class Row:
 class BareConvs:
     """Bare Conv3D timings by shape, each measured once (``roofline.conv_time``)."""
 
-    def __init__(self, repeats: int):
+    def __init__(self, repeats: int, dtype: str = "float32"):
         self.repeats = repeats
+        self.dtype = dtype  # the network's compute type: bf16 pieces are held to bf16 convs
         self.rates: dict[tuple, float] = {}
 
     def rate(self, grid: tuple[int, ...], c_in: int, c_out: int, kernel: int) -> float:
         """GFLOP/s of a bare conv of this shape (measured on first use)."""
         key = (tuple(grid), c_in, c_out, kernel)
         if key not in self.rates:
-            gflop, sec = conv_time(tuple(grid), c_in, c_out, "float32", self.repeats, kernel)
+            gflop, sec = conv_time(tuple(grid), c_in, c_out, self.dtype, self.repeats, kernel)
             self.rates[key] = gflop / sec
-            logger.info(f"bare conv {kernel}^3 {c_in}->{c_out} on {'x'.join(map(str, grid))}: "
+            logger.info(f"bare {self.dtype} conv {kernel}^3 {c_in}->{c_out} on {'x'.join(map(str, grid))}: "
                         f"{self.rates[key]:.1f} GFLOP/s")
         return self.rates[key]
 
@@ -142,7 +146,7 @@ def profile(args: argparse.Namespace) -> dict:
     from ..engine.backends.tf.network import StagedUNet
 
     options = {"models": args.models, "threads": args.threads, "parc": args.parc, "fast": args.fast,
-               "backend": "tf", "crop": args.crop}
+               "backend": "tf", "crop": args.crop, "precision": args.precision}
     with Segmenter(**{k: v for k, v in options.items() if v is not None}) as seg:
         predictor = seg.predictor
         staged = [net for net in (getattr(predictor, "run_seg", None), getattr(predictor, "run_parc", None))
@@ -164,19 +168,19 @@ def profile(args: argparse.Namespace) -> dict:
             for net in staged:
                 for piece in net.pieces:
                     piece.timing = False
-        bare = None if args.no_bare else BareConvs(args.repeats)
+        bare = None if args.no_bare else BareConvs(args.repeats, BARE_DTYPES[seg.runtime.precision])
         rows = [row for net in staged for row in piece_rows(net, grid, bare)]
         network = result.timings["network"]
         rest = Row("rest of the network stage: posterior blur + flip average, slab copies, assembly", 1,
                    max(0.0, network - sum(r.seconds for r in rows)))
         blur = getattr(predictor, "blur", None)
         blur_pass = None if blur is None else blur_seconds(blur, grid, len(seg.labels.labels))
-        threads = seg.runtime.threads
+        threads, precision = seg.runtime.threads, seg.runtime.precision
     conv_rows = [r for r in rows if r.gflop]
     gflop = sum(r.gflop for r in conv_rows)
     bare_total = None if args.no_bare else sum(r.bare_seconds or 0.0 for r in conv_rows)
     return {
-        "input": args.i, "grid": list(grid), "threads": threads,
+        "input": args.i, "grid": list(grid), "threads": threads, "precision": precision,
         "cpu": {"model": cpu_model(), "machine": platform.machine(),
                 "flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "fma")))},
         "stages": result.timings, "rows": [asdict(r) | {"gflops": r.gflops, "efficiency": r.efficiency}
@@ -197,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parc", action="store_true", help="Profile the parcellation network too.")
     p.add_argument("--fast", action="store_true", help="No flipped second pass (as --fast).")
     p.add_argument("--crop", type=int, nargs="+", help="As the command line's --crop (a smaller grid).")
+    p.add_argument("--precision", choices=sorted(BARE_DTYPES), default="fp32",
+                   help="As the command line's --precision; bare convs run in the same type (default fp32).")
     p.add_argument("--warmup", type=int, default=1, help="Untimed runs first (default 1: tracing is not speed).")
     p.add_argument("--repeats", type=int, default=2, help="Timed repeats of each bare conv (median).")
     p.add_argument("--no-bare", action="store_true", help="Skip the bare-conv comparison (only the pieces).")
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error(str(exc))
         return 1
     print(f"network stage of {report['input']} (grid {'x'.join(map(str, report['grid']))}), "
-          f"{report['threads']} thread(s), {report['cpu']['model']}")
+          f"{report['threads']} thread(s), {report['precision']}, {report['cpu']['model']}")
     print("\n".join(report["table"]))
     if report["blur_pass_seconds"] is not None:
         print(f"posterior blur: {report['blur_pass_seconds']:.2f} s per pass (measured apart; part of the rest)")
