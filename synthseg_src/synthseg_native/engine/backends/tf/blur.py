@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from .network import Slab, context_rows, context_slabs
+from .tensors import as_tensor
 
 
 def blur_kernel(sigma: float) -> tf.Tensor:
@@ -60,7 +61,8 @@ class ChannelBlur:
                ) -> np.ndarray:
         """All channels of ``part`` (1, X, Y, Z, C) blurred, with the rows ``before`` and ``after`` it as
         context; where they are absent the convolution's zero padding applies (a volume's ends)."""
-        return np.asarray(self.fn(context_rows(before, part), part, context_rows(after, part)))
+        return np.asarray(self.fn(as_tensor(context_rows(before, part)), as_tensor(part),
+                                  as_tensor(context_rows(after, part))))
 
     def __call__(self, post: np.ndarray) -> np.ndarray:
         size = post.shape[1]
@@ -99,7 +101,7 @@ def blur_average_flipped(post: np.ndarray, slabs: Iterator[Slab], blur: ChannelB
 
     for x0, x1, window in context_slabs(lambda *rows: rows, slabs):
         target = post[:, size - x1:size - x0]
-        target[...] = np.asarray(average(*window, target))
+        target[...] = np.asarray(average(*window, as_tensor(target)))  # written after the call returned
     return post
 
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from ....config import N_LEVELS
 from .flops import per_voxel_flop
+from .tensors import aligned_empty, as_tensor
 
 KL = tf.keras.layers
 
@@ -256,23 +257,23 @@ class StagedUNet:
         """Same call as ``Model.predict`` so either can serve the runner."""
         return assemble(self.predict_slabs(image), image.shape[1])
 
-    def predict_slabs(self, image: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    def predict_slabs(self, image: np.ndarray) -> Iterator[tuple[int, int, tf.Tensor]]:
         """The network's output as consecutive slabs ``(x0, x1, output[:, x0:x1])`` along axis 1.
 
         Lets a caller consume the full-resolution output without ever holding all of it. The slabs are
-        read-only views of TensorFlow's buffers (no copy).
+        TensorFlow's own tensors (``np.asarray`` of one is a read-only view, no copy), so that the blur
+        that usually follows takes them without TensorFlow copying them back in.
         """
         skips = []
         x = image
         for level in range(self.fine):
             skip, x = self._encode(level, x)
             skips.append(skip)
-        low = np.asarray(self.run_core(x))
+        low = self.run_core(as_tensor(x))  # stays a tensor: the decoder slices it in TensorFlow
         del x
         for level in range(self.fine - 1, 0, -1):
             low = assemble(self._decode(level, skips.pop(), low), low.shape[1] * 2)
-        for x0, x1, part in self._decode(0, skips.pop(), low):
-            yield x0, x1, np.asarray(part)
+        yield from self._decode(0, skips.pop(), low)
 
     def _encode(self, level: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Encoder level ``level``: its skip (the last conv, kept for the decoder) and its pooled output."""
@@ -281,9 +282,9 @@ class StagedUNet:
         skip = pooled = None
         for x0, x1, part in context_slabs(conv1, context_slabs(conv0, _array_slabs(x, self.slab))):
             down = np.asarray(pool(part))
-            if skip is None:
-                skip = np.empty((1, size) + tuple(part.shape[2:]), dtype=part.dtype.as_numpy_dtype)
-                pooled = np.empty((1, size // 2) + down.shape[2:], dtype=down.dtype)
+            if skip is None:  # aligned: their row windows go back to TensorFlow without a copy
+                skip = aligned_empty((1, size) + tuple(part.shape[2:]), part.dtype.as_numpy_dtype)
+                pooled = aligned_empty((1, size // 2) + down.shape[2:], down.dtype)
             skip[:, x0:x1] = np.asarray(part)
             pooled[:, x0 // 2:x1 // 2] = down
         return skip, pooled
@@ -298,7 +299,8 @@ class StagedUNet:
             for x0 in range(0, size, self.slab):
                 x1 = min(size, x0 + self.slab)
                 a, b = max(0, x0 - 1), min(size, x1 + 1)  # the slab and one row of context each side
-                yield x0, x1, first(skip[:, a:b], low[:, a // 2:(b + 1) // 2], a % 2, x0 - a, x1 - x0)
+                yield x0, x1, first(as_tensor(skip[:, a:b]), as_tensor(low[:, a // 2:(b + 1) // 2]), a % 2,
+                                    x0 - a, x1 - x0)
 
         return context_slabs(second, slabs())
 
@@ -337,16 +339,16 @@ def _upsample(x: tf.Tensor, size: tuple[int, int, int]) -> tf.Tensor:
 
 def _array_slabs(volume: np.ndarray, slab: int) -> Iterator[Slab]:
     for x0 in range(0, volume.shape[1], slab):
-        yield x0, min(volume.shape[1], x0 + slab), volume[:, x0:x0 + slab]
+        yield x0, min(volume.shape[1], x0 + slab), as_tensor(volume[:, x0:x0 + slab])
 
 
 def assemble(slabs: Iterator[Slab], size: int) -> np.ndarray:
-    """A volume of ``size`` rows from its consecutive slabs (written into a new, writable array)."""
+    """A volume of ``size`` rows from its consecutive slabs (written into a new, writable, aligned array)."""
     out = None
     for x0, x1, part in slabs:
         part = np.asarray(part)
         if out is None:
-            out = np.empty((1, size) + part.shape[2:], dtype=part.dtype)
+            out = aligned_empty((1, size) + part.shape[2:], part.dtype)
         out[:, x0:x1] = part
     return out
 

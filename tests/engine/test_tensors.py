@@ -1,0 +1,43 @@
+"""engine/backends/tf/tensors.py: numpy arrays handed to TensorFlow without TensorFlow's copy, only when safe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from synthseg_native.engine.backends.tf.tensors import ALIGN, aligned_empty, as_tensor, shareable
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 7, 32, 32, 24), np.float32), ((3, 5), np.int32), ((2, 3), np.uint8)])
+def test_aligned_empty_starts_on_the_boundary_tensorflow_checks(shape, dtype):
+    for _ in range(5):  # different allocations, different offsets inside their blocks
+        a = aligned_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % ALIGN == 0
+
+
+def test_as_tensor_shares_an_aligned_array_and_its_row_slabs():
+    a = aligned_empty((1, 6, 32, 32, 2), np.float32)
+    a[...] = np.arange(a.size, dtype=np.float32).reshape(a.shape)
+    whole, rows = as_tensor(a), as_tensor(a[:, 2:4])  # rows: strides of 32*32*2*4 bytes keep the alignment
+    assert isinstance(whole, tf.Tensor) and isinstance(rows, tf.Tensor)
+    np.testing.assert_array_equal(rows.numpy(), a[:, 2:4])
+    a[0, 2, 0, 0, 0] = -1.0  # shared, not copied: what the caller promises not to do during a call
+    assert float(whole[0, 2, 0, 0, 0]) == -1.0 and float(rows[0, 0, 0, 0, 0]) == -1.0
+    f = tf.function(lambda t: t * 2.0)
+    np.testing.assert_array_equal(f(as_tensor(a)).numpy(), a * 2.0)
+
+
+def test_anything_tensorflow_cannot_share_is_passed_on_unchanged():
+    base = aligned_empty((4, 64), np.float32)
+    base[...] = 1.0
+    unaligned = base.reshape(-1)[1:65]          # 4 bytes past the boundary: TensorFlow would abort on it
+    strided = base[:, ::2]
+    readonly = np.asarray(tf.ones([4, 4]))      # a view of TensorFlow's own buffer
+    empty = aligned_empty((1, 0, 4), np.float32)
+    for array in (unaligned, strided, readonly, empty):
+        assert not shareable(array)
+        assert as_tensor(array) is array
+    t = tf.ones([2])
+    assert as_tensor(t) is t
