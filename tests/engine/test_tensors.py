@@ -36,7 +36,9 @@ def test_anything_tensorflow_cannot_share_is_passed_on_unchanged():
     strided = base[:, ::2]
     readonly = np.asarray(tf.ones([4, 4]))      # a view of TensorFlow's own buffer
     empty = aligned_empty((1, 0, 4), np.float32)
-    for array in (unaligned, strided, readonly, empty):
+    bf16 = aligned_empty((2, 64), tf.bfloat16.as_numpy_dtype)  # --precision bf16's skips: no DLPack type for it
+    flags = aligned_empty((2, 64), bool)
+    for array in (unaligned, strided, readonly, empty, bf16, flags):
         assert not shareable(array)
         assert as_tensor(array) is array
     t = tf.ones([2])

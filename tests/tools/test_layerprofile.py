@@ -82,6 +82,7 @@ def test_bf16_profile_holds_the_network_to_bare_convs_of_its_own_precision(weigh
     report = json.loads(out.read_text())
     granted = "bf16" if cpu_has_bf16() else "fp32"
     assert report["precision"] == granted
-    logged = capfd.readouterr().err
-    assert f"bare {layerprofile.BARE_DTYPES[granted]} conv 3^3 24->24" in logged
+    captured = capfd.readouterr()
+    assert f"bare {layerprofile.BARE_DTYPES[granted]} conv 3^3 24->24" in captured.out + captured.err
+    assert f"thread(s), {granted}," in captured.out  # the table's heading names the precision
     assert all(r["bare_seconds"] > 0 for r in report["rows"] if r["gflop"])

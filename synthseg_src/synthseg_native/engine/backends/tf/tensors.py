@@ -30,8 +30,10 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type | str) -> np.nd
 
 
 def shareable(array: np.ndarray) -> bool:
-    """Whether TensorFlow can take this array's memory as it is (contiguous, writable, aligned, not empty)."""
-    return (array.size > 0 and array.flags.c_contiguous and array.flags.writeable
+    """Whether TensorFlow can take this array's memory as it is: contiguous, writable, aligned, not empty, and of
+    a type DLPack describes (ints and IEEE floats; not bool, nor the bfloat16 arrays of ``--precision bf16``,
+    which numpy knows only as an extension type: those are still copied)."""
+    return (array.size > 0 and array.dtype.kind in "iuf" and array.flags.c_contiguous and array.flags.writeable
             and array.ctypes.data % ALIGN == 0)
 
 
