@@ -3,7 +3,7 @@
 TensorFlow copies every numpy array passed to a ``tf.function`` (``convert_to_eager_tensor`` calls
 ``value.copy()``, so that later writes to the array cannot reach the tensor). That copy is single-threaded;
 for the staged U-Net's slabs, skips and posteriors it added up to ~6 s of a 69 s network stage on a 2-core
-Zen 4 (cProfile, full MNI152: 311 copies, 1.5 GB a second), while the other core waited. The engine's own
+Zen 4 (cProfile of one cold run, full MNI152: 311 copies), while the other core waited. The engine's own
 arrays are never written while TensorFlow reads them (each call returns before the array is touched
 again), so they can be shared instead: DLPack hands TensorFlow the array's memory as it is. TensorFlow's
 CPU tensors must start on a 64-byte boundary (it aborts the process otherwise), so the arrays that cross
