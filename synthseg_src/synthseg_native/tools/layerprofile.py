@@ -15,7 +15,7 @@ bare convs it is compared with (a bf16 network held to fp32 convs would look bet
 The timed run computes the same values as an untimed one (the pieces are only wrapped by a timer).
 
 Usage: synthseg-native-layerprofile [--i scan.nii.gz] [--models DIR] [--threads N] [--parc] [--fast]
-           [--precision fp32|bf16] [--repeats R] [--out profile.json]
+           [--precision fp32|bf16|fp16] [--repeats R] [--out profile.json]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..api import Segmenter
-from ..engine.backends.tf.devices import prepare_tensorflow
+from ..engine.backends.tf.devices import PRECISIONS, prepare_tensorflow
 from ..engine.machine import cpu_flags, cpu_model
 from ..engine.preprocess import preprocess
 from ..errors import SynthSegError, UsageError
@@ -43,8 +43,9 @@ from .demo import mni152_t1
 from .roofline import conv_time
 
 logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
-# the precision the network ran in (the runtime's, after any fallback) -> the dtype of the bare convs it is held to
-BARE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# the precision the network ran in (the runtime's, after any fallback) -> the dtype of the bare convs it is held to:
+# the compute dtype of the Keras policy the TF backend builds that precision under ("mixed_bfloat16" -> "bfloat16")
+BARE_DTYPES = {precision: policy.removeprefix("mixed_") for precision, policy in PRECISIONS.items()}
 
 
 @dataclass
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="No flipped second pass (as --fast).")
     p.add_argument("--crop", type=int, nargs="+", help="As the command line's --crop (a smaller grid).")
     p.add_argument("--precision", choices=sorted(BARE_DTYPES), default="fp32",
-                   help="As the command line's --precision; bare convs run in the same type (default fp32).")
+                   help="As the command line's --precision (a precision the machine lacks falls back to fp32); "
+                   "bare convs run in the type the network ran in (default fp32).")
     p.add_argument("--warmup", type=int, default=1, help="Untimed runs first (default 1: tracing is not speed).")
     p.add_argument("--repeats", type=int, default=2, help="Timed repeats of each bare conv (median).")
     p.add_argument("--no-bare", action="store_true", help="Skip the bare-conv comparison (only the pieces).")
