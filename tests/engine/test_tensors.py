@@ -43,3 +43,36 @@ def test_anything_tensorflow_cannot_share_is_passed_on_unchanged():
         assert as_tensor(array) is array
     t = tf.ones([2])
     assert as_tensor(t) is t
+
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, tf.bfloat16.as_numpy_dtype])
+def test_copy_into_writes_the_bytes_of_the_plain_assignment(dtype, monkeypatch):
+    from synthseg_native.engine.backends.tf import tensors
+
+    monkeypatch.setattr(tensors, "PARALLEL_BYTES", 0)  # split even these small arrays
+    monkeypatch.setattr(tensors, "copy_threads", lambda: 3)  # 7 columns in 3 uneven parts
+    src = (np.arange(4 * 7 * 5 * 3) % 251).astype(dtype).reshape(1, 4, 7, 5, 3)
+    whole = aligned_empty(src.shape, dtype)
+    tensors.copy_into(whole, tf.constant(src) if dtype is np.float32 else src)
+    assert whole.tobytes() == src.tobytes()
+    big = np.zeros((1, 9, 7, 5, 3), dtype)
+    tensors.copy_into(big[:, 2:6], src)  # a row window of a bigger array, as the slabs are gathered
+    assert big[:, 2:6].tobytes() == src.tobytes()
+    assert not big[:, :2].any() and not big[:, 6:].any()
+
+
+def test_copy_into_refuses_a_shape_mismatch_and_keeps_small_copies_on_the_calling_thread(monkeypatch):
+    from synthseg_native.engine.backends.tf import tensors
+
+    with pytest.raises(ValueError, match="shapes differ"):
+        tensors.copy_into(np.zeros((1, 4, 4)), np.zeros((1, 4, 5)))
+
+    def no_threads(*args, **kwargs):
+        raise AssertionError("a thread pool for a copy under PARALLEL_BYTES")
+
+    monkeypatch.setattr(tensors, "ThreadPoolExecutor", no_threads)
+    monkeypatch.setattr(tensors, "copy_threads", lambda: 4)
+    small = np.zeros((1, 4, 4, 4, 2), np.float32)
+    tensors.copy_into(small, np.ones_like(small))
+    assert small.all()

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from .network import Slab, context_rows, context_slabs
-from .tensors import as_tensor
+from .tensors import as_tensor, copy_into
 
 
 def blur_kernel(sigma: float) -> tf.Tensor:
@@ -71,7 +71,7 @@ class ChannelBlur:
             x1 = min(size, x0 + self.slab)
             out = self.window(post[:, x0:x1], before, post[:, x1:x1 + 1] if x1 < size else None)
             before = post[:, x1 - 1:x1].copy()  # its unblurred last row is the next slab's context
-            post[:, x0:x1] = out
+            copy_into(post[:, x0:x1], out)
         return post
 
 
@@ -101,7 +101,7 @@ def blur_average_flipped(post: np.ndarray, slabs: Iterator[Slab], blur: ChannelB
 
     for x0, x1, window in context_slabs(lambda *rows: rows, slabs):
         target = post[:, size - x1:size - x0]
-        target[...] = np.asarray(average(*window, as_tensor(target)))  # written after the call returned
+        copy_into(target, average(*window, as_tensor(target)))  # written after the call returned
     return post
 
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from ....config import N_LEVELS
 from .flops import per_voxel_flop
-from .tensors import aligned_empty, as_tensor
+from .tensors import aligned_empty, as_tensor, copy_into
 
 KL = tf.keras.layers
 
@@ -285,8 +285,8 @@ class StagedUNet:
             if skip is None:  # aligned: their row windows go back to TensorFlow without a copy
                 skip = aligned_empty((1, size) + tuple(part.shape[2:]), part.dtype.as_numpy_dtype)
                 pooled = aligned_empty((1, size // 2) + down.shape[2:], down.dtype)
-            skip[:, x0:x1] = np.asarray(part)
-            pooled[:, x0 // 2:x1 // 2] = down
+            copy_into(skip[:, x0:x1], part)
+            copy_into(pooled[:, x0 // 2:x1 // 2], down)
         return skip, pooled
 
     def _decode(self, level: int, skip: np.ndarray, low: np.ndarray) -> Iterator[Slab]:
@@ -349,7 +349,7 @@ def assemble(slabs: Iterator[Slab], size: int) -> np.ndarray:
         part = np.asarray(part)
         if out is None:
             out = aligned_empty((1, size) + part.shape[2:], part.dtype)
-        out[:, x0:x1] = part
+        copy_into(out[:, x0:x1], part)
     return out
 
 
