@@ -36,14 +36,28 @@ def test_anything_tensorflow_cannot_share_is_passed_on_unchanged():
     strided = base[:, ::2]
     readonly = np.asarray(tf.ones([4, 4]))      # a view of TensorFlow's own buffer
     empty = aligned_empty((1, 0, 4), np.float32)
-    bf16 = aligned_empty((2, 64), tf.bfloat16.as_numpy_dtype)  # --precision bf16's skips: no DLPack type for it
     flags = aligned_empty((2, 64), bool)
-    for array in (unaligned, strided, readonly, empty, bf16, flags):
+    bf16_strided = aligned_empty((2, 64), tf.bfloat16.as_numpy_dtype)[:, ::2]
+    for array in (unaligned, strided, readonly, empty, flags, bf16_strided):
         assert not shareable(array)
         assert as_tensor(array) is array
     t = tf.ones([2])
     assert as_tensor(t) is t
 
+
+
+def test_bfloat16_arrays_are_shared_as_their_bit_pattern():
+    bf16 = tf.bfloat16.as_numpy_dtype  # --precision bf16's skips and windows
+    a = aligned_empty((1, 4, 32, 32, 3), bf16)
+    a[...] = np.linspace(-3, 3, a.size, dtype=np.float32).reshape(a.shape).astype(bf16)
+    assert shareable(a) and shareable(a[:, 1:3])
+    t = as_tensor(a[:, 1:3])
+    assert isinstance(t, tf.Tensor) and t.dtype == tf.bfloat16 and t.shape == (1, 2, 32, 32, 3)
+    assert t.numpy().tobytes() == a[:, 1:3].tobytes()
+    a[0, 1, 0, 0, 0] = bf16(7.0)  # the same memory, not a copy
+    assert float(t[0, 0, 0, 0, 0]) == 7.0
+    f = tf.function(lambda x: x * tf.constant(2, tf.bfloat16))
+    assert f(as_tensor(a)).numpy().tobytes() == (a * bf16(2)).tobytes()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.int32, tf.bfloat16.as_numpy_dtype])

@@ -39,21 +39,28 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type | str) -> np.nd
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+BFLOAT16 = np.dtype(tf.bfloat16.as_numpy_dtype)
+
+
 def shareable(array: np.ndarray) -> bool:
     """Whether TensorFlow can take this array's memory as it is: contiguous, writable, aligned, not empty, and of
-    a type DLPack describes (ints and IEEE floats; not bool, nor the bfloat16 arrays of ``--precision bf16``,
-    which numpy knows only as an extension type: those are still copied)."""
-    return (array.size > 0 and array.dtype.kind in "iuf" and array.flags.c_contiguous and array.flags.writeable
-            and array.ctypes.data % ALIGN == 0)
+    a type DLPack describes (ints and IEEE floats; not bool) or ``--precision bf16``'s bfloat16, which numpy knows
+    only as an extension type and DLPack not at all: it crosses as its 16-bit pattern (:func:`as_tensor`)."""
+    return (array.size > 0 and (array.dtype.kind in "iuf" or array.dtype == BFLOAT16) and array.flags.c_contiguous
+            and array.flags.writeable and array.ctypes.data % ALIGN == 0)
 
 
 def as_tensor(value: np.ndarray | tf.Tensor) -> np.ndarray | tf.Tensor:
     """``value`` for a ``tf.function`` call: a tensor sharing a shareable array's memory; anything else
     unchanged (TensorFlow then converts it as usual, copying arrays). The caller must not write to the
-    array until the call that receives the tensor has returned."""
-    if isinstance(value, np.ndarray) and shareable(value):
-        return tf.experimental.dlpack.from_dlpack(value.__dlpack__())
-    return value
+    array until the call that receives the tensor has returned.
+
+    A bfloat16 array goes over as uint16 and is bitcast back, which TensorFlow does on the same buffer."""
+    if not (isinstance(value, np.ndarray) and shareable(value)):
+        return value
+    if value.dtype == BFLOAT16:
+        return tf.bitcast(tf.experimental.dlpack.from_dlpack(value.view(np.uint16).__dlpack__()), tf.bfloat16)
+    return tf.experimental.dlpack.from_dlpack(value.__dlpack__())
 
 
 PARALLEL_BYTES = 8 << 20  # below this a copy is not worth a thread hand-over
