@@ -7,7 +7,7 @@ Upstream runs the blur inside its Keras graph, one ``conv3d`` per channel, and a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -56,6 +56,23 @@ class ChannelBlur:
             return tf.transpose(y[:, start:start + tf.shape(part)[1], ..., 0], [1, 2, 3, 0])[None]
 
         self.fn = tf.function(blur, input_signature=[spec] * 3)
+        self._averages: dict[tuple[int, ...], Callable[..., tf.Tensor]] = {}
+
+    def flipped_average(self, flip: tuple[int, ...]) -> Callable[..., tf.Tensor]:
+        """``average(before, part, after, target)``: ``target`` averaged with the flipped slab ``part`` blurred,
+        mirrored and its channels put in the order ``flip`` (one traced function per channel order, built once:
+        a new one per call was traced anew for every image)."""
+        if flip not in self._averages:
+            order = tf.constant(np.asarray(flip, dtype=np.int32))
+            spec = tf.TensorSpec([1, None, None, None, len(flip)], tf.float32)
+
+            @tf.function(input_signature=[spec] * 4)
+            def average(before, part, after, target):
+                flipped = tf.gather(tf.reverse(self.fn(before, part, after), axis=[1]), order, axis=-1)
+                return (target + flipped) * tf.constant(0.5, tf.float32)
+
+            self._averages[flip] = average
+        return self._averages[flip]
 
     def window(self, part: np.ndarray, before: np.ndarray | None = None, after: np.ndarray | None = None
                ) -> np.ndarray:
@@ -91,14 +108,7 @@ def blur_average_flipped(post: np.ndarray, slabs: Iterator[Slab], blur: ChannelB
     threads); the float32 operations per voxel are those of :func:`average_flipped`, add then multiply.
     """
     size = post.shape[1]
-    order = tf.constant(np.asarray(flip, dtype=np.int32))
-    spec = tf.TensorSpec([1, None, None, None, post.shape[-1]], tf.float32)
-
-    @tf.function(input_signature=[spec] * 4)
-    def average(before, part, after, target):
-        flipped = tf.gather(tf.reverse(blur.fn(before, part, after), axis=[1]), order, axis=-1)
-        return (target + flipped) * tf.constant(0.5, tf.float32)
-
+    average = blur.flipped_average(tuple(int(c) for c in flip))
     for x0, x1, window in context_slabs(lambda *rows: rows, slabs):
         target = post[:, size - x1:size - x0]
         copy_into(target, average(*window, as_tensor(target)))  # written after the call returned
