@@ -7,9 +7,10 @@ RESULTS ?=
 
 .PHONY: bench roofline profile-layers
 
-bench: $(STAMP) ## hyperfine native vs reference vs Docker [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS= BACKENDS="tf torch" PRECISIONS="fp32 bf16" MAX_TIME_RATIO= MAX_RSS_RATIO= MIN_AGREEMENT=]
+bench: $(STAMP) ## hyperfine native vs reference vs Docker, in rounds [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS= BACKENDS="tf torch" PRECISIONS="fp32 bf16" INTERLEAVE=0 MAX_TIME_RATIO= MAX_RSS_RATIO= MIN_AGREEMENT=]
 	@$(PY) -m synthseg_native.tools.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
 		$(if $(BACKENDS),--backends "$(BACKENDS)") $(if $(PRECISIONS),--precisions "$(PRECISIONS)") \
+		$(if $(filter 0,$(INTERLEAVE)),--no-interleave) \
 		$(if $(MAX_TIME_RATIO),--max-time-ratio "$(MAX_TIME_RATIO)") \
 		$(if $(MAX_RSS_RATIO),--max-rss-ratio "$(MAX_RSS_RATIO)") \
 		$(if $(MIN_AGREEMENT),--min-agreement "$(MIN_AGREEMENT)") \

@@ -21,7 +21,7 @@ import tensorflow as tf
 from engine_fixtures import ROOT
 from fake_synthseg import make_checkout
 from synthseg_native.engine.backends.tf import flops, network
-from synthseg_native.tools import bench, benchgate, benchreport
+from synthseg_native.tools import bench, benchgate, benchreport, benchtiming
 
 KL = tf.keras.layers
 
@@ -92,6 +92,8 @@ def test_bench_end_to_end(tmp_path, tiny, weights):
     hf = json.loads((res / "hyperfine.json").read_text())
     assert [r["command"] for r in hf["results"]] == ["native", "reference"]
     assert all(len(r["times"]) == 1 for r in hf["results"])
+    assert hf["interleaved"] and [r["order"] for r in hf["rounds"]] == [["native", "reference"]]
+    assert (res / "rounds" / "round-01.json").is_file()
     summary = json.loads((res / "summary.json").read_text())
     rows = {r["engine"]: r for r in summary["rows"]}
     assert rows["native"]["peak_rss_kb"] > 100_000  # TensorFlow alone is more than 100 MB
@@ -102,7 +104,9 @@ def test_bench_end_to_end(tmp_path, tiny, weights):
     assert [(g["criterion"], g["held"]) for g in summary["gate"]] == [
         ("MAX_TIME_RATIO", True), ("MAX_RSS_RATIO", False), ("MIN_AGREEMENT", False)]
     table = (res / "summary.md").read_text()
+    assert rows["native"]["paired_ratio_vs_reference"] == pytest.approx(1 / rows["native"]["speedup_vs_reference"])
     for needle in ("| native |", "| reference |", "| baseline | skipped", "Native stage breakdown", "GFLOP/s",
+                   "## Rounds", "native / reference", "in rounds",
                    "float32", "Conv3D roofline", "tensorflow: 2.15.1", "## Gate", "1 of 3 criteria held."):
         assert needle in table, needle
     assert json.loads((res / "roofline.json").read_text())["best_gflops"]["float32"] > 0
@@ -155,6 +159,50 @@ def test_rss_wrapper_records_the_child(tmp_path):
     assert rc == 0
     (line,) = record.read_text().splitlines()
     assert json.loads(line)["peak_rss_kb"] > 400_000
+
+
+def fake_round(times: dict[str, float]) -> dict:
+    return {"results": [{"command": n, "mean": t, "stddev": None, "median": t, "min": t, "max": t, "user": t / 2,
+                         "system": 0.1, "times": [t], "exit_codes": [0]} for n, t in times.items()]}
+
+
+def test_rounds_merge_into_hyperfines_layout_and_pair_each_run_with_its_rounds_reference():
+    rounds = [fake_round({"native": 10.0, "reference": 20.0}), fake_round({"reference": 40.0, "native": 14.0}),
+              fake_round({"native": 12.0, "reference": 30.0})]
+    hf = benchtiming.merge_rounds(rounds, ["native", "reference"])
+    native, reference = hf["results"]
+    assert native["command"] == "native" and native["times"] == [10.0, 14.0, 12.0]
+    assert native["mean"] == 12.0 and native["median"] == 12.0 and native["min"] == 10.0 and native["max"] == 14.0
+    assert native["stddev"] == pytest.approx(2.0) and native["user"] == pytest.approx(6.0)
+    assert reference["mean"] == 30.0 and hf["rounds"][1]["order"] == ["reference", "native"]
+    rows = benchreport.summarise(hf, {})
+    assert rows[0]["speedup_vs_reference"] == 2.5  # means: 30 / 12
+    assert rows[0]["paired_ratio_vs_reference"] == 0.4  # median of 0.5, 0.35, 0.4
+    assert "paired_ratio_vs_reference" not in rows[1]
+    table = "\n".join(benchreport.rounds_markdown(hf))
+    assert "| 2 | reference, native | 14.00 | 40.00 | 0.350 |" in table
+    assert "| `native` | 12.000 ± 2.000 | 10.000 | 14.000 | 1.00 |" in benchtiming.markdown(hf)
+    assert benchtiming.merge_rounds(rounds[:1], ["native", "reference"])["results"][0]["stddev"] is None
+
+
+def test_rounds_rotate_the_order_and_drop_the_warm_up_rounds(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_hyperfine(argv, out):
+        names = [argv[i + 1] for i, a in enumerate(argv) if a == "--command-name"]
+        assert argv[argv.index("--runs") + 1] == "1" and argv[argv.index("--warmup") + 1] == "0"
+        calls.append(names)
+        got = fake_round({n: float(len(calls)) for n in names})
+        out.write_text(json.dumps(got))
+        return got
+
+    monkeypatch.setattr(benchtiming, "hyperfine", fake_hyperfine)
+    cmds = [(n, f"run {n}", tmp_path / n) for n in ("a", "b", "c")]
+    hf = benchtiming.run_rounds(cmds, runs=3, warmup=1, res=tmp_path)
+    assert calls == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert [r["times"] for r in hf["results"]] == [[2.0, 3.0, 4.0]] * 3  # round 1 was the warm-up
+    assert json.loads((tmp_path / "hyperfine.json").read_text()) == hf
+    assert len(list((tmp_path / "rounds").glob("round-*.json"))) == 4 and (tmp_path / "hyperfine.md").is_file()
 
 
 def test_summary_speedups_and_markdown():

@@ -10,8 +10,8 @@ The default input is the MNI152 T1 inside nilearn, so a fresh machine can run it
 weights it uses seeded test weights and says so: run time does not depend on the weight values.
 
 Usage: synthseg-native-bench [--in IMG] [--runs 5] [--warmup 1] [--threads N] [--flags "..."]
-           [--backends "tf torch"] [--precisions "fp32 bf16"] [--max-time-ratio R] [--max-rss-ratio R]
-           [--min-agreement PCT]
+           [--backends "tf torch"] [--precisions "fp32 bf16"] [--no-interleave] [--max-time-ratio R]
+           [--max-rss-ratio R] [--min-agreement PCT]
        python -m synthseg_native.tools.bench rss --record FILE -- CMD...   (internal: peak RSS of one run)
 """
 
@@ -41,8 +41,8 @@ from ..errors import UpstreamError, UsageError, WeightsError
 from ..io.atomic import image_extension, write_text
 from ..log import DONE, RUN, SKIP
 from ..reference.upstream import find_synthseg_home
-from . import benchgate
-from .benchreport import chart, other_profile_markdown, summarise, summary_markdown
+from . import benchgate, benchtiming
+from .benchreport import chart, other_profile_markdown, rounds_markdown, summarise, summary_markdown
 from .demo import mni152_t1
 from .testweights import generate
 
@@ -215,23 +215,6 @@ def shell_command(engine: Engine, python: str, record: Path) -> str:
 # measurements
 
 
-def run_hyperfine(cmds: list[tuple[str, str, Path]], runs: int, warmup: int, res: Path) -> dict:
-    """Each (name, command, output folder) timed; before each run only that engine's folder is emptied, so every
-    engine's last outputs are left for the gate's comparison."""
-    argv = ["hyperfine", "--runs", str(runs), "--warmup", str(warmup), "--style", "basic",
-            "--export-json", str(res / "hyperfine.json"), "--export-markdown", str(res / "hyperfine.md")]
-    for _name, _cmd, folder in cmds:
-        argv += ["--prepare", shlex.join(["rm", "-rf", str(folder)])]
-    for name, cmd, _folder in cmds:
-        argv += ["--command-name", name, cmd]
-    logger.log(RUN, f"hyperfine: {len(cmds)} command(s) x ({warmup} warm-up + {runs} timed run(s))")
-    proc = subprocess.run(argv, text=True, stdout=sys.stdout, stderr=subprocess.PIPE)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["hyperfine failed"])[-1]
-        raise BenchError(f"hyperfine failed: {last} (run the command alone to see its error)")
-    return json.loads((res / "hyperfine.json").read_text())
-
-
 def profile_native(engine: Engine, work: Path) -> dict:
     """One extra native run with --profile: seconds and peak memory per stage, network GFLOP/s."""
     shutil.rmtree(work / "runs", ignore_errors=True)
@@ -301,6 +284,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="Weights folder (default: the usual search order, else test weights).")
     p.add_argument("--results", help="Report folder (default: results/<date>-<host>/).")
     p.add_argument("--work", help="Scratch folder for inputs, weights and outputs (default: results/tmp/bench).")
+    p.add_argument("--no-interleave", action="store_true", help="Time each engine's runs in one block (hyperfine's "
+                   "order) instead of in rounds that run every engine once, in rotated order (the default: on a "
+                   "machine whose speed drifts, the engines then meet the same drift).")
     p.add_argument("--no-roofline", action="store_true", help="Skip the conv3d roofline.")
     p.add_argument("--roofline-size", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--roofline-repeats", type=int, default=5, help=argparse.SUPPRESS)
@@ -359,7 +345,12 @@ def bench(args: argparse.Namespace) -> int:
     cmds = [(e.name, shell_command(e, python, records[e.name])) for e in todo]
     facts = machine_facts(python)
     logger.info(f"input {image}, {threads} thread(s), weights {models}{' (TEST WEIGHTS)' if test_weights else ''}")
-    hf = run_hyperfine([(name, cmd, e.out) for (name, cmd), e in zip(cmds, todo)], args.runs, args.warmup, res)
+    timed = [(name, cmd, e.out) for (name, cmd), e in zip(cmds, todo)]
+    try:
+        hf = (benchtiming.run_blocks if args.no_interleave else benchtiming.run_rounds)(
+            timed, args.runs, args.warmup, res)
+    except benchtiming.TimingError as exc:
+        raise BenchError(str(exc)) from None
     rows = summarise(hf, {name: read_rss(path) for name, path in records.items()})
     verdicts = benchgate.evaluate(criteria, rows, {e.name: e.out / "seg.nii.gz" for e in todo}, skipped) \
         if criteria.any() else []
@@ -368,14 +359,15 @@ def bench(args: argparse.Namespace) -> int:
     profile = profiles[natives[0].name]
     roof = None if args.no_roofline else run_roofline(python, threads, res, args.roofline_size, args.roofline_repeats)
     setup = {"date": dt.date.today().isoformat(), "input": str(image), "flags": flags, "threads": threads,
-             "runs": args.runs, "warmup": args.warmup, "test_weights": test_weights, "weights": models,
+             "runs": args.runs, "warmup": args.warmup, "interleaved": not args.no_interleave,
+             "test_weights": test_weights, "weights": models,
              "commands": cmds}
     write_text(res / "machine.json", json.dumps(facts, indent=2) + "\n")
     write_text(res / "profile.json", json.dumps(profile, indent=2) + "\n")
     write_text(res / "summary.json", json.dumps({"setup": setup, "rows": rows, "skipped": skipped,
                                                  "profile": profile, "profiles": profiles,
                                                  "gate": [asdict(v) for v in verdicts]}, indent=2) + "\n")
-    text = summary_markdown(rows, skipped, facts, profile, roof, setup)
+    text = summary_markdown(rows, skipped, facts, profile, roof, setup, rounds_markdown(hf))
     for name, extra in list(profiles.items())[1:]:
         text += other_profile_markdown(name, extra)
     write_text(res / "summary.md", text + benchgate.markdown(verdicts))

@@ -5,6 +5,7 @@ Kept apart from tools/bench.py, which runs the engines: these functions only rea
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from ..io.atomic import atomic_write
@@ -21,20 +22,48 @@ def summarise(hf: dict, rss: dict[str, list[int]]) -> list[dict]:
         for other in ("reference", "baseline"):
             if other in means and other != name:
                 row[f"speedup_vs_{other}"] = means[other] / r["mean"]
+        paired = [t["times"][name] / t["times"]["reference"] for t in hf.get("rounds", [])
+                  if "reference" in t["times"] and name != "reference"]
+        if paired:  # interleaved rounds: each run against the reference run of its own round
+            row["paired_ratio_vs_reference"] = statistics.median(paired)
         rows.append(row)
     return rows
 
 
+def rounds_markdown(hf: dict) -> list[str]:
+    """The interleaved rounds: each one's order and times, and each engine's time over the reference's of the same
+    round (what the host's drift cannot bias)."""
+    if not hf.get("rounds"):
+        return []
+    names = [r["command"] for r in hf["results"]]
+    ref = "reference" in names
+    lines = ["## Rounds (interleaved: every engine once per round, the order rotated)", "",
+             "| round | order | " + " | ".join(f"{n} (s)" for n in names) + " |"
+             + "".join(f" {n} / reference |" for n in names if ref and n != "reference"),
+             "|---|---|" + "---|" * len(names) + "---|" * (len(names) - 1 if ref else 0)]
+    for i, t in enumerate(hf["rounds"], 1):
+        cells = [f"{t['times'][n]:.2f}" for n in names]
+        cells += [f"{t['times'][n] / t['times']['reference']:.3f}" for n in names if ref and n != "reference"]
+        lines.append(f"| {i} | {', '.join(t['order'])} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def summary_markdown(rows: list[dict], skipped: dict[str, str], facts: dict, profile: dict, roof: dict | None,
-                     setup: dict) -> str:
+                     setup: dict, rounds: list[str] | None = None) -> str:
+    """summary.md: the engines' table, the interleaved rounds (``rounds``: :func:`rounds_markdown`'s lines), the
+    native stage breakdown, the roofline, the machine and the commands."""
+    rounds = rounds or []
+
     def fmt_speed(row: dict, other: str) -> str:
         v = row.get(f"speedup_vs_{other}")
         return f"{v:.2f}×" if v else "—"
 
     lines = [f"# SynthSeg benchmark {setup['date']} on {facts.get('cpu', '?')}", ""]
+    order = ("in rounds: each round runs every engine once, the order rotated from round to round"
+             if setup.get("interleaved") else "each engine's runs in one block")
     lines += [f"Input `{setup['input']}`, flags `{' '.join(setup['flags']) or '(none)'}`, {setup['threads']} "
-              f"thread(s), {setup['runs']} timed run(s) after {setup['warmup']} warm-up, each run into an emptied "
-              "output folder.", ""]
+              f"thread(s), {setup['runs']} timed run(s) after {setup['warmup']} warm-up, {order}, each run into an "
+              "emptied output folder.", ""]
     if setup["test_weights"]:
         lines += ["**Weights: seeded random test weights** (`synthseg_native.testweights`). Run time does not "
                   "depend on the weight values; the segmentations are anatomically meaningless.", ""]
@@ -48,6 +77,11 @@ def summary_markdown(rows: list[dict], skipped: dict[str, str], facts: dict, pro
         lines.append(f"| {name} | skipped: {why} | | | | | |")
     lines += ["", "Peak RSS: the largest process of each run (`getrusage` of the run's children), maximum over all "
               "runs. For the Docker baseline this is the docker client, not the container.", ""]
+    paired = [r for r in rows if "paired_ratio_vs_reference" in r]
+    if paired:
+        lines += ["Time over the reference's, run against run within each round (median over the rounds): "
+                  + ", ".join(f"{r['engine']} {r['paired_ratio_vs_reference']:.3f}" for r in paired) + ".", ""]
+    lines += rounds
     if profile.get("stages"):
         lines += ["## Native stage breakdown (one extra run with `--profile`)", "",
                   "| stage | seconds | peak RSS so far |", "|---|---|---|"]
