@@ -141,60 +141,6 @@ def test_staged_unet_is_bit_identical_to_one_predict(tmp_path):
     np.testing.assert_array_equal(np.concatenate([p for _, _, p in parts], axis=1), whole)
 
 
-def test_reusing_refills_the_same_arrays_with_the_same_bits(monkeypatch):
-    """Within reusing(), a pass after one run with keep=True refills that pass's arrays (no new memory) and
-    gives the bits of a pass run without it; a different grid gets new arrays; a pass started before the
-    previous one finished is refused rather than allowed to overwrite what that one still reads."""
-    rng = np.random.RandomState(5)
-    model = network.unet_model(4)
-    for layer in network.weighted_layers(model).values():
-        layer.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in layer.get_weights()][:2]
-                          + [np.abs(rng.normal(1, 0.1, w.shape)).astype(np.float32) for w in layer.get_weights()[2:]])
-    staged = network.StagedUNet(model, slab=8)
-    x = rng.rand(1, 48, 32, 32, 1).astype(np.float32)
-    flipped = np.ascontiguousarray(x[:, ::-1])
-    plain = [staged.predict(v) for v in (x, flipped)]
-    allocated = []
-    original = network.aligned_empty
-
-    def counting(shape, dtype):
-        allocated.append(tuple(shape))
-        return original(shape, dtype)
-
-    def run(v, keep):
-        return network.assemble(staged.predict_slabs(v, keep=keep), v.shape[1])
-
-    monkeypatch.setattr(network, "aligned_empty", counting)  # the skips', pooled and decoded levels' arrays
-    with staged.reusing():
-        first = run(x, keep=True)
-        per_pass = len(allocated)
-        assert per_pass == 5  # skip and pooled of both fine levels, the decoded coarser level
-        kept = len(network.StagedUNet.KEPT_ROLES)  # the full-resolution skip and the level decoded below it
-        second = run(flipped, keep=True)
-        third = run(x, keep=False)  # takes them, keeps nothing
-        assert len(allocated) == per_pass + 2 * (per_pass - kept)
-        run(flipped, keep=False)
-        assert len(allocated) == 2 * per_pass + 2 * (per_pass - kept)
-        count = len(allocated)
-        run(x, keep=True)
-        run(x[:, :32], keep=True)  # another grid: its own arrays, the others released
-        assert len(allocated) == count + 2 * per_pass
-        count = len(allocated)
-        running = staged.predict_slabs(x[:, :32])
-        next(running)  # the same grid again: what the last pass kept, and new arrays for the rest
-        assert len(allocated) == count + per_pass - kept
-        with pytest.raises(RuntimeError, match="before the previous one finished"):
-            next(staged.predict_slabs(x))
-        running.close()
-        next(staged.predict_slabs(x))  # a closed pass is finished
-    for got, want in ((first, plain[0]), (second, plain[1]), (third, plain[0])):
-        np.testing.assert_array_equal(got, want)
-    allocated.clear()
-    run(x, keep=True)  # outside the block, keep has nothing to keep for
-    run(x, keep=True)
-    assert len(allocated) == 2 * per_pass
-
-
 def _slabs_of(volume: np.ndarray, slab: int):
     for x0 in range(0, volume.shape[1], slab):
         yield x0, min(volume.shape[1], x0 + slab), volume[:, x0:x0 + slab].copy()
@@ -213,3 +159,4 @@ def test_blur_and_flip_average_in_slabs_equal_whole_volume():
         np.testing.assert_array_equal(np.concatenate([p for _, _, p in blurred], axis=1), smooth(flipped.copy()))
         got = blur.blur_average_flipped(smooth(post.copy()), _slabs_of(flipped, slab), smooth, flip)
         np.testing.assert_array_equal(got, whole)
+    assert smooth.flipped_average((0, 2, 1, 3)) is smooth.flipped_average((0, 2, 1, 3))  # traced once, not per image

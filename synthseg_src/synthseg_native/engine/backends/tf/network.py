@@ -8,8 +8,7 @@ that TensorFlow executes the same kernels in the same order and produces the sam
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -253,73 +252,30 @@ class StagedUNet:
             lambda t: self.core(t, training=False), input_signature=[spec(core_in.shape[-1])]), fine_levels)
         self.pieces: list[Piece] = [p for level in self.encoders for p in level] + [self.run_core] + [
             p for level in reversed(self.decoders) for p in level]  # in the order they run
-        self._kept: dict[str, np.ndarray] | None = None  # arrays refilled pass after pass (see reusing())
-        self._running = False
-
-    # What a pass keeps for the next: the full-resolution skip and the decoded level below it. Both are alive
-    # through the last decoder level, where a pass peaks, so keeping them costs nothing at the peak; the coarser
-    # skips and pooled levels die before it, and holding them there would raise it (+0.1 GB measured).
-    KEPT_ROLES = ("skip 0", "decoded 1")
-
-    @contextmanager
-    def reusing(self) -> Iterator[None]:
-        """Within this block, a pass run with ``keep=True`` leaves its largest arrays (:attr:`KEPT_ROLES`) to the
-        next pass on the same grid, which refills them instead of allocating new ones.
-
-        Why: a new array is new memory, and writing new memory is bound by page faults, not bandwidth (several
-        times slower than writing memory once touched; on VMs that hand freed memory back to their host, ten
-        times and more). The flipped pass is on the same grid as the first, so it finds 1.3 GB (full MNI152)
-        in place. A pass without ``keep`` lets each array go when it is done with it, as outside the
-        block, so the last pass holds no more memory than any pass; leaving the block releases whatever is
-        still kept. The passes must run one after the other: a pass started while another is unfinished raises.
-        """
-        self._kept = {}
-        try:
-            yield
-        finally:
-            self._kept = None
-
-    def _array(self, role: str, shape: tuple[int, ...], dtype: np.dtype, keep: bool) -> np.ndarray:
-        """An aligned array for ``role``: the one the previous pass kept when it fits, else a new one (the
-        kept one released first); held for the next pass if ``keep`` (inside :meth:`reusing`)."""
-        array = None if self._kept is None else self._kept.pop(role, None)
-        if array is None or array.shape != tuple(shape) or array.dtype != dtype:
-            array = None
-            array = aligned_empty(shape, dtype)
-        if keep and self._kept is not None and role in self.KEPT_ROLES:
-            self._kept[role] = array
-        return array
 
     def predict(self, image: np.ndarray, verbose: int = 0) -> np.ndarray:
         """Same call as ``Model.predict`` so either can serve the runner."""
         return assemble(self.predict_slabs(image), image.shape[1])
 
-    def predict_slabs(self, image: np.ndarray, keep: bool = False) -> Iterator[tuple[int, int, tf.Tensor]]:
+    def predict_slabs(self, image: np.ndarray) -> Iterator[tuple[int, int, tf.Tensor]]:
         """The network's output as consecutive slabs ``(x0, x1, output[:, x0:x1])`` along axis 1.
 
         Lets a caller consume the full-resolution output without ever holding all of it. The slabs are
         TensorFlow's own tensors (``np.asarray`` of one is a read-only view, no copy), so that the blur
-        that usually follows takes them without TensorFlow copying them back in. ``keep``: see :meth:`reusing`.
+        that usually follows takes them without TensorFlow copying them back in.
         """
-        if self._running and self._kept is not None:
-            raise RuntimeError("StagedUNet.reusing(): a pass started before the previous one finished")
-        self._running = True
-        try:
-            skips = []
-            x = image
-            for level in range(self.fine):
-                skip, x = self._encode(level, x, keep)
-                skips.append(skip)
-            low = self.run_core(as_tensor(x))  # stays a tensor: the decoder slices it in TensorFlow
-            del x
-            for level in range(self.fine - 1, 0, -1):
-                low = assemble(self._decode(level, skips.pop(), low), low.shape[1] * 2,
-                               lambda shape, dtype, level=level: self._array(f"decoded {level}", shape, dtype, keep))
-            yield from self._decode(0, skips.pop(), low)
-        finally:
-            self._running = False
+        skips = []
+        x = image
+        for level in range(self.fine):
+            skip, x = self._encode(level, x)
+            skips.append(skip)
+        low = self.run_core(as_tensor(x))  # stays a tensor: the decoder slices it in TensorFlow
+        del x
+        for level in range(self.fine - 1, 0, -1):
+            low = assemble(self._decode(level, skips.pop(), low), low.shape[1] * 2)
+        yield from self._decode(0, skips.pop(), low)
 
-    def _encode(self, level: int, x: np.ndarray, keep: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, level: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Encoder level ``level``: its skip (the last conv, kept for the decoder) and its pooled output."""
         conv0, conv1, pool = self.encoders[level]
         size = x.shape[1]
@@ -327,9 +283,8 @@ class StagedUNet:
         for x0, x1, part in context_slabs(conv1, context_slabs(conv0, _array_slabs(x, self.slab))):
             down = np.asarray(pool(part))
             if skip is None:  # aligned: their row windows go back to TensorFlow without a copy
-                skip = self._array(f"skip {level}", (1, size) + tuple(part.shape[2:]), part.dtype.as_numpy_dtype,
-                                   keep)
-                pooled = self._array(f"pooled {level}", (1, size // 2) + down.shape[2:], down.dtype, keep)
+                skip = aligned_empty((1, size) + tuple(part.shape[2:]), part.dtype.as_numpy_dtype)
+                pooled = aligned_empty((1, size // 2) + down.shape[2:], down.dtype)
             copy_into(skip[:, x0:x1], part)
             copy_into(pooled[:, x0 // 2:x1 // 2], down)
         return skip, pooled
@@ -387,15 +342,13 @@ def _array_slabs(volume: np.ndarray, slab: int) -> Iterator[Slab]:
         yield x0, min(volume.shape[1], x0 + slab), as_tensor(volume[:, x0:x0 + slab])
 
 
-def assemble(slabs: Iterator[Slab], size: int,
-             allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = aligned_empty) -> np.ndarray:
-    """A volume of ``size`` rows from its consecutive slabs, written into a writable, aligned array from
-    ``allocate(shape, dtype)`` (a new one by default)."""
+def assemble(slabs: Iterator[Slab], size: int) -> np.ndarray:
+    """A volume of ``size`` rows from its consecutive slabs (written into a new, writable, aligned array)."""
     out = None
     for x0, x1, part in slabs:
         part = np.asarray(part)
         if out is None:
-            out = allocate((1, size) + part.shape[2:], part.dtype)
+            out = aligned_empty((1, size) + part.shape[2:], part.dtype)
         copy_into(out[:, x0:x1], part)
     return out
 

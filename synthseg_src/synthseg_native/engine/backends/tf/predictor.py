@@ -159,11 +159,10 @@ class TFPredictor:
         if self.blur is None:  # robust: no smoothing anywhere
             blurred = returned = self.run_seg.predict(image, verbose=0)
         elif self.flip is not None:  # both passes blurred as their slabs come out of the network
-            with self.run_seg.reusing():  # the flipped pass refills the first pass's arrays
-                blurred = network.assemble(blurred_slabs(self.run_seg.predict_slabs(image, keep=True), self.blur),
-                                           image.shape[1])
-                flipped = self.run_seg.predict_slabs(np.ascontiguousarray(image[:, ::-1]))
-                blurred = returned = blur_average_flipped(blurred, flipped, self.blur, self.flip)
+            blurred = network.assemble(blurred_slabs(self.run_seg.predict_slabs(image), self.blur),
+                                       image.shape[1])
+            flipped = self.run_seg.predict_slabs(np.ascontiguousarray(image[:, ::-1]))
+            blurred = returned = blur_average_flipped(blurred, flipped, self.blur, self.flip)
         else:
             soft = self.run_seg.predict(image, verbose=0)
             returned = soft.copy() if heads_on else None
