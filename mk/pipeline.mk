@@ -13,7 +13,7 @@ REPORT ?=
 DIFF_FLAGS ?=
 
 # Knobs handed to the stage scripts; empty ones leave .env's values in force.
-STAGE_ENV = PYTHON="$(PY)" SYNTHSEG_FLAGS="$(FLAGS)" THREADS="$(THREADS)" BACKEND="$(BACKEND)"
+STAGE_ENV = SYNTHSEG_NATIVE="$(CURDIR)" PYTHON="$(PY)" SYNTHSEG_FLAGS="$(FLAGS)" THREADS="$(THREADS)" BACKEND="$(BACKEND)"
 # $(call need,usage) fails the recipe with a usage line when IN is empty.
 need = test -n "$(IN)" || { echo "[ERR] usage: make $@ IN=image $(1)" >&2; exit 2; }
 

@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "synthseg_src" / "synthseg_native"
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 # Imported where they are used, so that `import synthseg_native`, --help and the tools stay fast, and
-# TensorFlow is imported only after its environment is set (backends/tf/devices.prepare_tensorflow).
-HEAVY = ("tensorflow", "keras", "torch", "matplotlib", "nilearn", "tqdm", "synthseg_native.engine.backends")
+# TensorFlow is imported only after its environment is set (backends/tf/devices.prepare_tensorflow). The API (the
+# engine's whole code, 0.6 s) is imported by the command line and the pipeline stage once they know there is
+# something to run: a cached pipeline step ([SKIP]) does without it.
+HEAVY = ("tensorflow", "keras", "torch", "matplotlib", "nilearn", "tqdm", "synthseg_native.engine.backends",
+         "synthseg_native.api")
 
 
 def function_level_imports(path: Path) -> list[tuple[int, str]]:

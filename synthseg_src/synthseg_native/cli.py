@@ -2,7 +2,9 @@
 
 Only a shell over the API: parse the flags into :class:`~synthseg_native.config.Options`, call
 :func:`synthseg_native.api.segment`, and turn what comes back into an exit status. So the command line
-and a Python caller cannot drift apart.
+and a Python caller cannot drift apart. A first word that is not a flag names a subcommand
+(``synthseg-native stage [IN [OUT]]``: the pipeline step, :mod:`.stage`); upstream's command line has no
+positional arguments, so the two cannot be confused.
 
 Exit status: 0 all images done, 1 some failed (or weights/outputs unusable), 2 usage error, 128+N stopped
 by signal N (130: Ctrl-C).
@@ -16,11 +18,12 @@ import sys
 from dataclasses import asdict
 from types import FrameType
 
-from .api import segment
+from . import stage
 from .config.parser import build_parser, parse
 from .errors import Interrupted, SynthSegError, UsageError
 
 logger = logging.getLogger(__name__)
+SUBCOMMANDS = {"stage": stage.main}
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
@@ -53,6 +56,10 @@ def _main(argv: list[str]) -> int:
     if not argv:
         build_parser().print_help()
         return 1
+    if argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    from .api import segment  # after the subcommands: a cached pipeline step loads no engine code
+
     try:
         opts = parse(argv)
         options = {k: v for k, v in asdict(opts).items() if k not in ("i", "o")}

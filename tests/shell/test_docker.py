@@ -1,15 +1,19 @@
-"""The Docker baseline stage builds one exact `docker run` command line (mounts that survive spaces
-and commas, the in-image command, the same flags as the native stage) and says clearly when Docker
-is missing or its daemon is down. A fake `docker` on PATH records its argv; no image is run."""
+"""The Docker baseline stage (the pipeline stage with ENGINE=docker) builds one exact `docker run` command line
+(mounts that survive spaces and commas, the in-image command, the same flags as the native stage) and says clearly
+when Docker is missing or its daemon is down. A fake `docker` on PATH records its argv; no image is run."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from synthseg_native.batch.plan import pipeline_files
+from synthseg_native.stage import docker_command
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "scripts" / "40_synthseg_docker.sh"
@@ -20,23 +24,19 @@ FAKE_DOCKER = f"""#!{BASH}
 printf '%s\\0' "$@" > "$FAKE_DOCKER_ARGV"
 exit "${{FAKE_DOCKER_RC:-0}}"
 """
-FAKE_UNAME = f"""#!{BASH}
-case "$1" in -m) echo "${{FAKE_MACHINE:-x86_64}}" ;; *) echo "${{FAKE_SYSTEM:-Linux}}" ;; esac
-"""
 
 
 @pytest.fixture
 def bins(tmp_path: Path) -> dict[str, Path]:
     """`tools`: only the commands the script needs (so a real docker elsewhere on PATH stays out);
-    `fake`: a recording docker, and a uname that says Linux x86_64 unless told otherwise."""
+    `fake`: a recording docker."""
     tools, fake = tmp_path / "tools", tmp_path / "fake"
     tools.mkdir()
     fake.mkdir()
-    for name in ("bash", "basename", "dirname", "mkdir", "id", "uname"):
+    for name in ("bash", "dirname"):
         (tools / name).symlink_to(shutil.which(name))
-    for name, text in (("docker", FAKE_DOCKER), ("uname", FAKE_UNAME)):
-        (fake / name).write_text(text)
-        (fake / name).chmod(0o755)
+    (fake / "docker").write_text(FAKE_DOCKER)
+    (fake / "docker").chmod(0o755)
     return {"tools": tools, "fake": fake}
 
 
@@ -49,7 +49,7 @@ def baseline(*args: object, path: list[Path], tmp_path: Path,
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("DOCKER", "SYNTHSEG", "FAKE")) and k not in knobs}
     base.update(PATH=os.pathsep.join(map(str, path)), ENV_FILE=str(tmp_path / "no.env"),
-                FAKE_DOCKER_ARGV=str(argv_file))
+                FAKE_DOCKER_ARGV=str(argv_file), SYNTHSEG_NATIVE=str(ROOT), PYTHON=sys.executable)
     base.update({k: str(v) for k, v in env.items()})
     proc = subprocess.run([BASH, str(STAGE), *map(str, args)], env=base, capture_output=True, text=True,
                           timeout=60, check=False)
@@ -100,15 +100,17 @@ def test_env_mode_gpu_on_apple_silicon(tmp_path, bins):
     src.write_bytes(b"")
     (tmp_path / "my.env").write_text(f"DATA_ROOT='{tmp_path / 'data'}'\nSID=S1\nDOCKER_IMAGE=from/env:1\n")
     proc, argv = baseline(path=[bins["fake"], bins["tools"]], tmp_path=tmp_path, ENV_FILE=tmp_path / "my.env",
-                          DEVICE="gpu", FAKE_SYSTEM="Darwin", FAKE_MACHINE="arm64")
+                          DEVICE="gpu")
     assert proc.returncode == 0, proc.stderr
     seg_dir = tmp_path / "data" / "derivatives" / "S1" / "synthseg"
-    assert argv[:9] == ["run", "--rm", "--platform", "linux/amd64", "--gpus", "all",
-                        "--mount", f"type=bind,source={src.parent},target=/in,readonly",
-                        "--mount"]
-    assert argv[9:] == [f"type=bind,source={seg_dir},target=/out", "from/env:1", *CMD,
+    assert argv[4:8] == ["--gpus", "all", "--mount", f"type=bind,source={src.parent},target=/in,readonly"]
+    assert argv[8:] == ["--mount", f"type=bind,source={seg_dir},target=/out", "from/env:1", *CMD,
                         "--i", "/in/S1_synthsr.nii.gz", "--o", "/out/S1_synthseg.nii.gz",
                         "--vol", "/out/S1_synthseg_vols.csv"]
+    # on a Mac with Apple silicon: the amd64 image emulated, and no --user (Docker Desktop maps ownership)
+    mac = docker_command(pipeline_files(str(tmp_path / "data"), "S1"), {}, "gpu", [], system="Darwin",
+                         machine="arm64")
+    assert mac[:7] == ["docker", "run", "--rm", "--platform", "linux/amd64", "--gpus", "all"]
 
 
 def test_docker_missing(tmp_path, bins, scan):

@@ -19,14 +19,16 @@ from fake_synthseg import make_checkout
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "scripts" / "40_synthseg_native.sh"
-KNOBS = ("DATA_ROOT", "SID", "THREADS", "SYNTHSEG_FLAGS", "SYNTHSEG_MODELS", "DEVICE", "ENGINE",
-         "SYNTHSEG_HOME", "FORCE", "POSTERIORS", "ENV_FILE", "PYTHON", "VENV", "FAKE_WRITE", "FAKE_RECORD")
+KNOBS = ("DATA_ROOT", "SID", "THREADS", "SYNTHSEG_FLAGS", "SYNTHSEG_MODELS", "DEVICE", "ENGINE", "BACKEND",
+         "SYNTHSEG_HOME", "FORCE", "POSTERIORS", "ENV_FILE", "PYTHON", "VENV", "FAKE_WRITE", "FAKE_RECORD",
+         "SYNTHSEG_NATIVE")
 
 
 def stage(*args: object, tmp_path: Path, **env: object) -> subprocess.CompletedProcess:
-    """Runs the stage with only the given knobs (and no developer .env) in force."""
+    """Runs the stage of this checkout with only the given knobs (and no developer .env) in force."""
     base = {k: v for k, v in os.environ.items() if k not in KNOBS}
-    base.update(PYTHON=sys.executable, ENV_FILE=str(tmp_path / "no.env"), TF_CPP_MIN_LOG_LEVEL="3")
+    base.update(SYNTHSEG_NATIVE=str(ROOT), PYTHON=sys.executable, ENV_FILE=str(tmp_path / "no.env"),
+                TF_CPP_MIN_LOG_LEVEL="3")
     base.update({k: str(v) for k, v in env.items()})
     return subprocess.run(["bash", str(STAGE), *map(str, args)], env=base, capture_output=True, text=True,
                           timeout=600, check=False)
@@ -128,8 +130,10 @@ def test_output_naming(tmp_path, out, seg):
 
 @pytest.mark.parametrize("env, message", [
     ({}, "[ERR] no input given and DATA_ROOT/SID are not set"),
-    ({"ENGINE": "docker"}, "[ERR] ENGINE must be native or upstream, not 'docker'"),
-    ({"DEVICE": "tpu"}, "[ERR] DEVICE must be auto, cpu, gpu, cuda or mps, not 'tpu'"),
+    ({"ENGINE": "dock"}, "[ERR] ENGINE must be native, upstream or docker, not 'dock'"),
+    ({"DEVICE": "tpu"}, "[ERR] DEVICE must be auto, cpu, cuda, mps or gpu, not 'tpu'"),
+    ({"BACKEND": "jax"}, "[ERR] BACKEND must be tf, torch or auto, not 'jax'"),
+    ({"SYNTHSEG_FLAGS": "--models 'a b"}, "[ERR] SYNTHSEG_FLAGS cannot be split into flags (No closing quotation)"),
 ])
 def test_bad_settings_are_one_err_line(tmp_path, env, message):
     proc = stage(*([] if not env else [tmp_path / "x.nii.gz"]), tmp_path=tmp_path, **env)
@@ -146,8 +150,8 @@ def test_failed_run_leaves_no_trusted_record(tmp_path, t1):
     side.write_text("{}")
     proc = stage(src, tmp_path=tmp_path, SYNTHSEG_MODELS=tmp_path / "no weights", FORCE=1)
     assert proc.returncode == 1 and not side.exists()
-    assert "weights file synthseg_2.0.h5 not found" in proc.stderr
-    assert lines(proc, "[ERR] SynthSeg failed (exit 1) on ")
+    errors = lines(proc, "[ERR] ")
+    assert len(errors) == 1 and "weights file synthseg_2.0.h5 not found" in errors[0], proc.stderr
 
 
 @pytest.fixture

@@ -74,6 +74,45 @@ def scan_names(segs: list[str]) -> list[str]:
     return names
 
 
+def stem(path: str) -> str:
+    """The file name of ``path`` without its folder and its image extension (``.nii.gz``, ``.nii``, ``.mgz``)."""
+    name = os.path.basename(path)
+    ext = image_extension(name)
+    return name[: len(name) - len(ext)] if ext else name
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """The files of the numbered pipeline's step 40 (``synthseg-native stage``, docs/pipeline.md)."""
+
+    image: str
+    seg: str
+    vol: str
+    post: str | None
+
+
+def pipeline_files(data_root: str, sid: str, posteriors: bool = False) -> StageFiles:
+    """Step 40's files in a numbered pipeline's data folder: step 30's SynthSR output in, and
+    ``derivatives/<SID>/synthseg/<SID>_synthseg.nii.gz`` (+ ``_vols.csv``) out, where the pipeline's next steps and
+    its status page look."""
+    subject = os.path.join(data_root, "derivatives", sid)
+    return stage_files(os.path.join(subject, "synthsr", f"{sid}_synthsr.nii.gz"),
+                       os.path.join(subject, "synthseg", f"{sid}_synthseg.nii.gz"), posteriors)
+
+
+def stage_files(image: str, out: str | None = None, posteriors: bool = False) -> StageFiles:
+    """Step 40's outputs for ``IN [OUT]``: ``OUT`` with an image extension is the segmentation; any other ``OUT`` (or,
+    without one, the input's folder) receives ``<name>_synthseg.nii.gz``. The volume table and the posteriors sit
+    beside the segmentation: ``<segmentation's name>_vols.csv``, ``<segmentation's name>_posteriors.nii.gz``.
+    Paths stay as given (relative ones too), so the log lines show what the user typed."""
+    if out is not None and image_extension(out) is not None:
+        seg = out
+    else:
+        seg = os.path.join(os.path.dirname(image) if out is None else out, f"{stem(image)}_synthseg.nii.gz")
+    base = os.path.join(os.path.dirname(seg), stem(seg))
+    return StageFiles(image, seg, f"{base}_vols.csv", f"{base}_posteriors.nii.gz" if posteriors else None)
+
+
 def has_image_ext(path: str) -> bool:
     return any(ext in os.path.basename(path) for ext in IMAGE_EXTENSIONS)
 
