@@ -46,7 +46,8 @@ doctor: $(STAMP) ## Versions, devices, and where Conv3D/BatchNorm really run
 	@$(PY) -m synthseg_native.tools.doctor
 
 demo: $(STAMP) ## Segment nilearn's MNI152 T1 into results/demo/ (test weights if no official ones)
-	@$(PY) -m synthseg_native.tools.demo $(if $(THREADS),--threads $(THREADS)) $(if $(FLAGS),--flags "$(FLAGS)")
+	@$(PY) -m synthseg_native.tools.demo $(if $(THREADS),--threads $(THREADS)) \
+		--flags "$(FLAGS)$(if $(BACKEND), --backend $(BACKEND))"
 
 run: $(STAMP) ## Segment IN into OUT with upstream's FLAGS, e.g. make run IN=t1.nii.gz OUT=seg.nii.gz FLAGS="--vol v.csv"
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "[ERR] usage: make run IN=input OUT=output [FLAGS='--parc --vol v.csv']" >&2; exit 2; }

@@ -39,7 +39,7 @@ class WeightStore:
 
         missing = [k for k in keys if not (self.folder / MODEL_FILES[k]).is_file()]
         if missing:
-            generate(self.folder, seed=0, only=missing)
+            generate(self.folder, only=missing)
         return self.folder
 
 

@@ -37,6 +37,7 @@ from .config import GRID_STEP, Options, round_up
 from .config.options import IO, MODEL, NATIVE_ONLY, RUN, crop_sizes
 from .engine import predictor as engine
 from .engine.segment import memory_plan, segment_image
+from .engine.weights import MODEL_FILES, locate
 from .errors import OutputError, UsageError
 from .io import colours
 from .io.atomic import write_text
@@ -126,7 +127,7 @@ def segment(input: ImageInput, output: str | os.PathLike | None = None, **option
     opts = _split("segment()", {**options, "i": os.fspath(input), "o": None if output is None else os.fspath(output)},
                   set(Options.names()))
     opts, plan = _planned(opts)
-    opts = replace(opts, backend=engine.resolve_backend(opts))
+    given, opts = opts, replace(opts, backend=engine.resolve_backend(opts))
     engine.prepare(opts.debug, opts.backend)
     if opts.engine == "upstream":
         rc = run_upstream(opts)
@@ -134,7 +135,7 @@ def segment(input: ImageInput, output: str | os.PathLike | None = None, **option
                        for k, p in enumerate(plan.images)], rc)
     runtime = engine.start(opts)
     opts = replace(opts, precision=runtime.precision)
-    _announce(opts, runtime, len(plan.images))
+    _announce(opts, runtime, len(plan.images), engine.backend_reason(given, opts.backend))
     return _run(opts, plan, None)
 
 
@@ -157,10 +158,13 @@ def _version(opts: Options) -> str:
     return opts.version + (f", {opts.precision} (not identical to upstream)" if opts.precision != "fp32" else "")
 
 
-def _announce(opts: Options, runtime: engine.Runtime, images: int | None) -> None:
+def _announce(opts: Options, runtime: engine.Runtime, images: int | None, reason: str = "") -> None:
+    """The run's first [INFO] line: model, engine and backend (and why, when ``--backend auto`` chose it), threads,
+    device, and the weights folder in use (and why it was searched), so a run on other weights than meant shows."""
     count = "" if images is None else f"{images} image(s), "
-    logger.info(f"{_version(opts)}, native engine ({runtime.backend} backend), {count}{runtime.threads} thread(s), "
-                f"device {runtime.device}")
+    folder, why = locate(MODEL_FILES[opts.segmentation_model], opts.models)
+    logger.info(f"{_version(opts)}, native engine ({runtime.backend} backend{', ' + reason if reason else ''}), "
+                f"{count}{runtime.threads} thread(s), device {runtime.device}, weights {folder.parent} ({why})")
 
 
 def _run(opts: Options, plan: Plan, predictor: engine.Predictor | None) -> Result:
@@ -191,11 +195,11 @@ class Segmenter:
         opts.check()
         if opts.engine != "native":
             raise UsageError("Segmenter(): the upstream engine is for comparisons; use segment(..., engine='upstream')")
-        opts = replace(opts, backend=engine.resolve_backend(opts))
+        given, opts = opts, replace(opts, backend=engine.resolve_backend(opts))
         engine.prepare(opts.debug, opts.backend)
         self.runtime = engine.start(opts)
         self.options = replace(opts, precision=self.runtime.precision, qc=bool(opts.qc))
-        _announce(self.options, self.runtime, None)
+        _announce(self.options, self.runtime, None, engine.backend_reason(given, opts.backend))
         self.timings = engine.Timings()
         self.predictor = engine.load(self.options, self.timings, self.runtime)
         self.labels = self.predictor.labels

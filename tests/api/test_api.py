@@ -122,6 +122,31 @@ def test_usage_errors_raise(tmp_path, weights):
         segment(tmp_path / "x.nii.gz", tmp_path / "y.nii.gz", crop=[1, 2])
 
 
+@pytest.mark.parametrize("keywords, message", [
+    ({"qc": True, "parc": "no"}, "Segmenter(): parc must be True or False, not 'no'"),
+    ({"fast": 1}, "Segmenter(): fast must be True or False, not 1"),
+    ({"threads": "8"}, "Segmenter(): threads must be an integer, not '8'"),
+    ({"threads": 2.5}, "Segmenter(): threads must be an integer, not 2.5"),
+    ({"crop": "160"}, "Segmenter(): crop must be an integer or a list of integers, not '160'"),
+    ({"crop": [160, None, 160]}, "Segmenter(): crop must be an integer or a list of integers, not [160, None, 160]"),
+    ({"max_memory": 8}, "Segmenter(): max_memory must be a size with a unit such as '8G', or 'auto', not 8"),
+    ({"device": 0}, "Segmenter(): device must be one of auto, cpu, cuda, mps, not 0"),
+    ({"models": 3}, "Segmenter(): models must be a string or a path, not 3"),
+])
+def test_api_checks_types_like_the_command_line(keywords, message):
+    """Refused before anything is loaded: ``parc="no"`` would otherwise be truthy and load the parcellation model."""
+    with pytest.raises(UsageError) as err:
+        Segmenter(**keywords)
+    assert str(err.value) == message
+
+
+def test_api_takes_paths_for_path_options(tmp_path, inputs):
+    with pytest.raises(UsageError, match="segment\\(\\): vol must be a string or a path, not 1"):
+        segment(tmp_path / "x.nii.gz", tmp_path / "y.nii.gz", vol=1)
+    with pytest.raises(WeightsError, match="--models .*/no such dir: no such folder"):
+        segment(inputs["anatomical"], tmp_path / "y.nii.gz", models=tmp_path / "no such dir", vol=tmp_path / "v.csv")
+
+
 def test_missing_weights_raise(tmp_path, monkeypatch):
     for var in ("SYNTHSEG_MODELS", "FREESURFER_HOME", "SYNTHSEG_HOME"):
         monkeypatch.delenv(var, raising=False)

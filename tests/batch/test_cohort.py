@@ -143,12 +143,17 @@ def test_resume_skips_finished_scans(weights, folder, tmp_path, builds, capsys, 
     assert {p.name: md5(p) for p in segs if "ras" not in p.name} == \
         {k: v for k, v in digests.items() if "ras" not in k}
 
+    page = (qc / "index.html").read_text()
+    assert "Last run: <b>1 segmented, 2 current (skipped by --resume), 0 failed</b>" in page  # as the terminal said
+    assert "batch: 1 segmented, 2 current (skipped), 0 failed" in log
+
     # nothing changed: nothing runs and the model is not even built
     builds.clear()
     assert run(*args) == 0
     log = capsys.readouterr().out
     assert log.count("[SKIP] ") == 3 and "[RUN ]" not in log and builds == []
     assert rows(vol) == second
+    assert "Last run: <b>0 segmented, 3 current (skipped by --resume), 0 failed</b>" in (qc / "index.html").read_text()
 
     # a scan whose row left the shared table is segmented again
     vol.write_text("".join(",".join(r) + "\n" for r in second[:-1]))

@@ -109,6 +109,34 @@ def test_page_lists_every_scan(tmp_path):
     assert rec["volumes"] == {"intracranial": 1500000.0, "hippocampi": 8100.0} and rec["status"] == "done"
 
 
+def test_page_fits_a_laptop_screen_and_keeps_the_csv_order(tmp_path):
+    """The columns a reader needs first are shown, the rest behind a switch; QC scores in the QC CSV's order (the
+    records' JSON sorts its keys); a resumed run's skipped scans are counted as current."""
+    from synthseg_native.batch import tables as V
+    from synthseg_native.engine import labels as L
+
+    image, seg = _blob_pair(tmp_path)
+    qc = tmp_path / "qc"
+    order = V.qc_columns(L.LabelSet.build())
+    scores = {c: 0.5 + k / 100 for k, c in enumerate(order)}
+    volumes = {c: 1000.0 for parts in snapshots.KEY_VOLUMES.values() for c in parts}
+    for name in ("a", "b", "c"):
+        snapshots.record(qc, name, str(image), str(seg), "done", seconds=3.0, volumes=volumes, qc=scores)
+    assert list(json.loads((qc / "a.json").read_text())["qc"]) == sorted(order)  # sorted keys on disk
+    page = snapshots.index_html(snapshots.load_records(qc))
+    heads = re.findall(r'<th class="([a-z]*)">([^<]*)</th>', page)
+    assert [h for cls, h in heads if cls != "more"] == ["scan", "snapshot", "status", "time (s)", "intracranial (mL)",
+                                                        "min QC"]
+    assert [h for cls, h in heads if cls == "more"][-len(order):] == [f"QC {c}" for c in order]
+    assert "show all columns (" in page and "#all:checked~table .more{display:table-cell}" in page
+    assert "Last run: <b>3 segmented, 0 current" in page
+    assert all(snapshots.mark_current(qc, name) for name in ("a", "b"))
+    page = snapshots.index_html(snapshots.load_records(qc))
+    assert "Last run: <b>1 segmented, 2 current (skipped by --resume), 0 failed</b>" in page
+    assert json.loads((qc / "a.json").read_text())["seconds"] == 3.0  # the record keeps what it had
+    assert not snapshots.mark_current(qc, "no such scan")
+
+
 def test_batch_snapshots_and_page(weights, inputs, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

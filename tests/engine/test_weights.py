@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from synthseg_native.engine.backends.tf import network
 from synthseg_native.engine.backends.tf.predictor import assign
-from synthseg_native.engine.weights import find_weights, is_test_weights, read_weights, write_weights
+from synthseg_native.engine.weights import find_weights, is_test_weights, locate, read_weights, write_weights
 from synthseg_native.errors import WeightsError
 
 
@@ -104,3 +104,17 @@ def test_search_order(tmp_path, monkeypatch):
     assert find_weights("synthseg_2.0.h5") == tmp_path / "fs" / "models" / "synthseg_2.0.h5"
     with pytest.raises(WeightsError, match="FREESURFER_HOME/models.*Official weights"):
         find_weights("synthseg_qc_2.0.h5")
+
+
+def test_explicit_models_folder_is_the_only_place(tmp_path, monkeypatch):
+    """A typo in --models (or a folder without the file) is an error naming that folder, never a quiet fallback to
+    $SYNTHSEG_MODELS or ./models, which hold other weights."""
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / "synthseg_2.0.h5").write_bytes(b"")
+    (tmp_path / "cli").mkdir()
+    monkeypatch.setenv("SYNTHSEG_MODELS", str(tmp_path / "env"))
+    with pytest.raises(WeightsError, match=r"--models .*/clj: no such folder"):
+        find_weights("synthseg_2.0.h5", str(tmp_path / "clj"))
+    with pytest.raises(WeightsError, match=r"synthseg_2.0.h5 not found in the --models folder .*/cli \(the only"):
+        find_weights("synthseg_2.0.h5", str(tmp_path / "cli"))
+    assert locate("synthseg_2.0.h5") == (tmp_path / "env" / "synthseg_2.0.h5", "$SYNTHSEG_MODELS")

@@ -1,13 +1,17 @@
-"""``pip install .`` into a fresh Python venv gives working ``synthseg-native`` commands and the API.
+"""``pip install .`` into a fresh Python venv gives working ``synthseg-native`` commands and the API, and each
+extra brings its own framework and not the other's.
 
 The fresh venv borrows the project environment's packages through a ``.pth`` file instead of downloading
 TensorFlow again, so the test also proves that the dependencies ``pyproject.toml`` declares are satisfied by the
 versions ``make setup`` pins (``pip check``), and that the package is complete without the source tree: it runs
-from another folder, from the installed copy.
+from another folder, from the installed copy. What the extras pull in is resolved by pip for real (a dry run in a
+fresh venv: the package registry's metadata, nothing installed).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,14 +24,19 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+def source_copy(where: Path) -> Path:
+    """The package's sources as a fresh clone has them (building must leave nothing behind in the real tree)."""
+    src = where / "src"
+    shutil.copytree(ROOT / "synthseg_src", src / "synthseg_src", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    return src
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("packaging")
-    src = work / "src"  # a copy: building leaves build/ and *.egg-info behind
-    shutil.copytree(ROOT / "synthseg_src", src / "synthseg_src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
+    src = source_copy(work)
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
@@ -39,6 +48,8 @@ def installed(tmp_path_factory) -> Path:
     proc = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
                            "--no-build-isolation", str(src)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in src.iterdir()) == ["README.md", "pyproject.toml", "synthseg_src"]  # no build/
+    assert sorted(p.name for p in (src / "synthseg_src").iterdir()) == ["synthseg_native"]  # no *.egg-info
     return venv
 
 
@@ -52,8 +63,11 @@ def test_dependencies_are_declared_and_met(installed, tmp_path):
     check = run(installed, py, "-m", "pip", "check", cwd=tmp_path)
     assert check.returncode == 0 and "No broken requirements" in check.stdout, check.stdout + check.stderr
     code = ("import importlib.metadata as m; print('\\n'.join(m.requires('synthseg-native')))")
-    requires = run(installed, py, "-c", code, cwd=tmp_path).stdout
-    for pin in ("tensorflow==2.15.1", "keras==2.15.0", "nibabel", "h5py", "scipy", "numpy"):
+    requires = run(installed, py, "-c", code, cwd=tmp_path).stdout.splitlines()
+    base = [re.match(r"[A-Za-z0-9_.-]+", r).group() for r in requires if "extra ==" not in r]
+    assert {"numpy", "h5py", "nibabel", "scipy"} <= set(base) and not {"tensorflow", "keras", "torch"} & set(base)
+    for pin in ("tensorflow==2.15.1; extra == 'tf'", "keras==2.15.0; extra == 'tf'", "numpy<2; extra == 'tf'",
+                "torch<3,>=2.8; extra == 'torch'"):
         assert pin in requires, requires
 
 
@@ -102,11 +116,7 @@ def test_torch_extra_on_python312_without_tensorflow(weights, inputs, tmp_path):
     if py312 is None:
         pytest.skip("no Python 3.12 interpreter on this machine")
     models = weights.need("seg2")
-    src = tmp_path / "src"
-    shutil.copytree(ROOT / "synthseg_src", src / "synthseg_src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
+    src = source_copy(tmp_path)
     venv = tmp_path / "venv312"
     subprocess.run([py312, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
@@ -120,11 +130,38 @@ def test_torch_extra_on_python312_without_tensorflow(weights, inputs, tmp_path):
     numpy_version, no_tf = facts.stdout.split()
     assert int(numpy_version.split(".")[0]) >= 2 and no_tf == "True", facts.stdout + facts.stderr
     seg = run(venv, venv / "bin" / "synthseg-native", "--i", inputs["anatomical"], "--o", tmp_path / "seg.nii.gz",
-              "--vol", tmp_path / "vol.csv", "--fast", "--backend", "torch", "--device", "cpu", "--models", models,
-              cwd=tmp_path)
-    assert seg.returncode == 0 and "[DONE]" in seg.stdout and "(torch backend)" in seg.stdout, seg.stdout + seg.stderr
+              "--vol", tmp_path / "vol.csv", "--fast", "--device", "cpu", "--models", models, cwd=tmp_path)
+    assert seg.returncode == 0 and "[DONE]" in seg.stdout, seg.stdout + seg.stderr
+    assert "(torch backend, --backend auto: PyTorch is installed, TensorFlow is not)" in seg.stdout, seg.stdout
     refused = run(venv, venv / "bin" / "synthseg-native", "--i", inputs["anatomical"], "--o", tmp_path / "x.nii.gz",
-                  "--models", models, cwd=tmp_path)
+                  "--backend", "tf", "--models", models, cwd=tmp_path)
     assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
-        "[ERR] the tf backend needs TensorFlow, which this environment lacks (built with BACKEND=torch, or Python "
-        ">= 3.12): add --backend torch"], refused.stdout + refused.stderr
+        "[ERR] the tf backend needs TensorFlow, which this environment lacks: pip install 'synthseg-native[tf]' "
+        "(TensorFlow 2.15, Python 3.9-3.11: upstream's bytes on the CPU); or use --backend torch (or auto)"], \
+        refused.stdout + refused.stderr
+    weights = run(venv, venv / "bin" / "synthseg-native-testweights", tmp_path / "w", "--only", "qc", cwd=tmp_path)
+    assert weights.returncode == 0 and (tmp_path / "w" / "synthseg_qc_2.0.h5").is_file(), weights.stderr
+
+
+@pytest.mark.parametrize("extra, present, absent, numpy_major", [
+    ("tf", "tensorflow", "torch", 1),
+    ("torch", "torch", "tensorflow", 2),
+    (None, "nibabel", "tensorflow", 2),
+])
+def test_extras_resolve_without_the_other_framework(tmp_path, extra, present, absent, numpy_major):
+    """pip resolves ``.[tf]`` without PyTorch, ``.[torch]`` without TensorFlow (and with numpy 2), the bare package
+    with neither, in a fresh venv of this Python (a dry run: metadata from the registry, nothing installed)."""
+    src = source_copy(tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    report = tmp_path / "report.json"
+    target = f"{src}[{extra}]" if extra else str(src)
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                           "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), target],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    versions = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
+    assert present in versions and absent not in versions, versions
+    assert ("keras" in versions) == (extra == "tf"), versions
+    assert int(versions["numpy"].split(".")[0]) == numpy_major, versions

@@ -199,8 +199,15 @@ class Batch:
             logger.warning(f"{self.plan.images[k]}: no QC snapshot ({type(exc).__name__}: {exc})")
 
     def _snapshot_cached(self, k: int) -> None:
-        """A skipped scan keeps its snapshot; one that has none (e.g. --snapshot added later) gets it now."""
-        if not self.opts.snapshot or snapshots.has_record(self.opts.snapshot, self.plan.names[k]):
+        """A skipped scan keeps its snapshot, marked current; one that has none (e.g. --snapshot added later) gets
+        it now."""
+        if not self.opts.snapshot:
+            return
+        try:
+            if snapshots.mark_current(self.opts.snapshot, self.plan.names[k]):
+                return
+        except OSError as exc:
+            logger.warning(f"{self.plan.images[k]}: QC record not updated ({exc})")
             return
         volumes = None
         if self.plan.vol[k] is not None and self.plan.shared_csv:

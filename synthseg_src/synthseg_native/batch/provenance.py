@@ -28,12 +28,13 @@ import os
 import sys
 import time
 from collections.abc import Collection
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ..config import Options
 from ..config.parser import parse
+from ..engine.predictor import resolve_backend
 from ..engine.weights import MODEL_FILES, file_sha256, find_weights
 from ..errors import ProvenanceError, UpstreamError, UsageError, WeightsError
 from ..io.atomic import image_extension, write_text
@@ -57,11 +58,12 @@ NOT_RESULT_FLAGS = {"i", *OUTPUT_FLAGS, "engine", "threads", "profile", "debug",
 
 def parse_engine_args(argv: list[str]) -> Options:
     """The engine's own options for ``argv`` (normalised as the engine does: "--robust" and "--robust --fast"
-    are the same run); refused unless they describe one input image and one segmentation file."""
+    are the same run, and ``--backend auto`` is the backend it picks here); refused unless they describe one
+    input image and one segmentation file."""
     opts = parse(argv).normalised()
     if not opts.i or not opts.o or image_extension(opts.i) is None or image_extension(opts.o) is None:
         raise ProvenanceError("provenance covers one input image and one segmentation file (--i, --o)")
-    return opts
+    return replace(opts, backend="tf" if opts.engine == "upstream" else resolve_backend(opts))
 
 
 def sidecar_path(args: Options) -> Path:

@@ -28,9 +28,11 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import map_coordinates
 
+from ..engine import labels as L
 from ..io import colours
 from ..io.atomic import atomic_write, write_text
 from ..io.images import library_messages
+from . import tables as V
 
 KIND = "synthseg-native snapshot"
 ALPHA = 0.45  # label colour weight: structures stay readable and the anatomy below stays visible
@@ -122,10 +124,13 @@ def render(image_path: str, seg_path: str, png_path: str, title: str = "") -> Pa
     axes = fig.subplots(1, 3)
     for ax, p in zip(axes, planes):
         ax.imshow(overlay(p["gray"], p["labels"]), aspect=p["aspect"], interpolation="nearest")
-        ax.set_title(p["title"], color="white", fontsize=9)
+        ax.set_title(p["title"], color="white", fontsize=13)
         ax.set_axis_off()
-        for x, letter, align in ((0.02, p["sides"][0], "left"), (0.98, p["sides"][1], "right")):
-            ax.text(x, 0.5, letter, color="yellow", fontsize=9, transform=ax.transAxes, ha=align, va="center")
+        # big enough to read in the cohort page's thumbnail (about half this size), on a box that any overlay leaves
+        # readable
+        for x, letter, align in ((0.01, p["sides"][0], "left"), (0.99, p["sides"][1], "right")):
+            ax.text(x, 0.5, letter, color="yellow", fontsize=20, fontweight="bold", transform=ax.transAxes,
+                    ha=align, va="center", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     fig.tight_layout()
@@ -150,18 +155,6 @@ def _paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     return d / f"{name}.png", d / f"{name}.json"
 
 
-def has_record(directory: str | os.PathLike, name: str) -> bool:
-    png, rec = _paths(directory, name)
-    return rec.is_file() and (png.is_file() or _status(rec) == "failed")
-
-
-def _status(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def record(directory: str | os.PathLike, name: str, image: str, seg: str, status: str, *,
            seconds: float | None = None, stages: dict[str, float] | None = None,
            volumes: dict[str, float] | None = None, qc: dict[str, float] | None = None,
@@ -178,6 +171,21 @@ def record(directory: str | os.PathLike, name: str, image: str, seg: str, status
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_text(rec, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return rec
+
+
+def mark_current(directory: str | os.PathLike, name: str) -> bool:
+    """A scan skipped by ``--resume``: its record (picture, volumes, time) now says ``current``, so the page counts the
+    last run as the terminal did; False when there is no usable record to mark (then :func:`record` makes one)."""
+    png, rec = _paths(directory, name)
+    try:
+        data = json.loads(rec.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict) or data.get("kind") != KIND or not data.get("png") or not png.is_file():
+        return False
+    data.update(status="current", written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    write_text(rec, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return True
 
 
 def load_records(directory: str | os.PathLike) -> list[dict[str, Any]]:
@@ -200,27 +208,62 @@ def _cell(value: Any, digits: int = 1) -> str:
     return html.escape(str(value))
 
 
+#: The columns a reader needs first; every other volume and QC score is behind the page's "all columns" switch.
+FIRST_VOLUMES = ("intracranial",)
+STYLE = (
+    "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:right;vertical-align:middle}"
+    "td.l,th.l{text-align:left}tr.failed{background:#fdd}tr.current{color:#555}img{width:560px;display:block}"
+    "small{color:#666}.more{display:none}#all:checked~table .more{display:table-cell}#all:checked~table img{width:320px}"
+    "label{display:inline-block;margin:0 0 .6em;font-size:14px;cursor:pointer}td.low{background:#fec}"
+)
+
+
+def _volume_cell(volumes: dict[str, float], column: str, cls: str = "") -> str:
+    value = volumes.get(column)
+    return f'<td class="{cls}">{_cell(None if value is None else value / 1000)}</td>'
+
+
+def qc_order(names: list[str]) -> list[str]:
+    """QC columns in the QC CSV's order (the records' JSON sorts keys); names it does not know follow."""
+    canonical = V.qc_columns(L.LabelSet.build(False))
+    return [c for c in canonical if c in names] + [c for c in names if c not in canonical]
+
+
 def index_html(records: list[dict[str, Any]], title: str = "SynthSeg cohort") -> str:
-    """The cohort page: failures first, then by name; volumes in mL; QC scores and their minimum."""
+    """The cohort page, readable on a 1366-pixel screen: failures first, then by name; per scan its name, picture,
+    status, time, intracranial volume and lowest QC score (every score on hover); the other key volumes (mL) and
+    each QC score in the CSV's order behind a switch. The counts are those of the records' statuses: the last run
+    marks the scans it skipped ``current``, so they match what its terminal said."""
     records = sorted(records, key=lambda r: (r.get("status") != "failed", r.get("name", "")))
     vol_cols = [c for c in KEY_VOLUMES if any((r.get("volumes") or {}).get(c) is not None for r in records)]
-    qc_cols = list(dict.fromkeys(c for r in records for c in (r.get("qc") or {})))
+    first_vols = [c for c in vol_cols if c in FIRST_VOLUMES]
+    more_vols = [c for c in vol_cols if c not in FIRST_VOLUMES]
+    qc_cols = qc_order(list(dict.fromkeys(c for r in records for c in (r.get("qc") or {}))))
     counts = {s: sum(r.get("status") == s for r in records) for s in ("done", "current", "failed")}
-    head = ["scan", "snapshot", *[f"{c} (mL)" for c in vol_cols]]
-    head += (["min QC", *qc_cols] if qc_cols else []) + ["time (s)", "status"]
+    latest = max((str(r.get("written", "")) for r in records), default="")
+
+    def th(text: str, cls: str = "") -> str:
+        return f'<th class="{cls}">{html.escape(text)}</th>'
+
+    head = [th("scan", "l"), th("snapshot", "l"), th("status"), th("time (s)")]
+    head += [th(f"{c} (mL)") for c in first_vols] + ([th("min QC")] if qc_cols else [])
+    head += [th(f"{c} (mL)", "more") for c in more_vols] + [th(f"QC {c}", "more") for c in qc_cols]
+    hidden = len(more_vols) + len(qc_cols)
     lines = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:right}"
-        "td.l,th.l{text-align:left}tr.failed{background:#fdd}img{width:420px;display:block}"
-        "small{color:#666}</style></head><body>",
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title>", f"<style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>{len(records)} scan(s): {counts['done']} segmented in the last run, {counts['current']} current "
-        f"(skipped by --resume), {counts['failed']} failed. Labels in FreeSurfer colours; the patient's left "
-        f"is on the left (neurological convention). Page written {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>",
-        "<table><thead><tr>" + "".join(f'<th class="l">{h}</th>' if i < 2 else f"<th>{html.escape(h)}</th>"
-                                       for i, h in enumerate(head)) + "</tr></thead><tbody>",
+        f"<p>{len(records)} scan(s). Last run: <b>{counts['done']} segmented, {counts['current']} current (skipped by "
+        f"--resume), {counts['failed']} failed</b>{f' (last record {html.escape(latest)})' if latest else ''}. Labels "
+        "in FreeSurfer colours; the patient's left is on the left (neurological convention). Page written "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.</p>",
     ]
+    if hidden:
+        lines.append(f'<input type="checkbox" id="all"><label for="all"> show all columns ({hidden} more: key volumes '
+                     "and every QC score)</label>")
+    lines.append("<table><thead><tr>" + "".join(head) + "</tr></thead><tbody>")
     for r in records:
         name, status = r.get("name", "?"), r.get("status", "?")
         scan = (f'{html.escape(name)}<br><small title="{html.escape(str(r.get("input")))}">'
@@ -230,14 +273,16 @@ def index_html(records: list[dict[str, Any]], title: str = "SynthSeg cohort") ->
         png = r.get("png")
         thumb = (f'<a href="{html.escape(png)}"><img src="{html.escape(png)}" alt="{html.escape(name)}" '
                  f'loading="lazy"></a>') if png else "–"
-        vols = r.get("volumes") or {}
-        cells = [f'<td class="l">{scan}</td>', f'<td class="l">{thumb}</td>']
-        cells += [f"<td>{_cell(None if vols.get(c) is None else vols[c] / 1000)}</td>" for c in vol_cols]
+        vols, qc = r.get("volumes") or {}, r.get("qc") or {}
+
+        cells = [f'<td class="l">{scan}</td>', f'<td class="l">{thumb}</td>', f"<td>{html.escape(status)}</td>",
+                 f"<td>{_cell(r.get('seconds'))}</td>", *[_volume_cell(vols, c) for c in first_vols]]
         if qc_cols:
-            qc = r.get("qc") or {}
-            cells.append(f"<td>{_cell(min(qc.values()) if qc else None, 2)}</td>")
-            cells += [f"<td>{_cell(qc.get(c), 2)}</td>" for c in qc_cols]
-        cells += [f"<td>{_cell(r.get('seconds'))}</td>", f"<td>{html.escape(status)}</td>"]
+            low = min(qc.values()) if qc else None
+            every = html.escape(", ".join(f"{c} {qc[c]:.2f}" for c in qc_cols if c in qc))
+            cells.append(f'<td title="{every}">{_cell(low, 2)}</td>')
+        cells += [_volume_cell(vols, c, "more") for c in more_vols]
+        cells += [f'<td class="more">{_cell(qc.get(c), 2)}</td>' for c in qc_cols]
         lines.append(f'<tr class="{html.escape(status)}">' + "".join(cells) + "</tr>")
     lines += ["</tbody></table>", "</body></html>", ""]
     return "\n".join(lines)

@@ -93,11 +93,12 @@ class Options:
     addctab: bool = _opt(False, "FreeSurfer 8: FreeSurfer colours and names for the labels (embedded in .mgz, "
                          "sidecar <name>_ctab.txt for NIfTI).", MODEL, action="store_true")
     # this toolkit
-    models: str | None = _opt(None, "Folder with the weight files (searched first).", MODEL)
-    backend: str = _opt("tf", "Network backend: tf (default; TensorFlow, byte-identical to upstream on the CPU), "
-                        "torch (PyTorch: CUDA and Apple GPUs, no TensorFlow needed; agrees with upstream to float32 "
-                        "rounding, docs/equivalence.md) or auto (torch when PyTorch sees a CUDA/MPS GPU, else tf).",
-                        MODEL, choices=list(BACKENDS))
+    models: str | None = _opt(None, "Folder with the weight files; when given, the only place searched (default: "
+                              "$SYNTHSEG_MODELS, ./models, $FREESURFER_HOME/models, $SYNTHSEG_HOME/models).", MODEL)
+    backend: str = _opt("auto", "Network backend: tf (TensorFlow, byte-identical to upstream on the CPU), torch "
+                        "(PyTorch: CUDA and Apple GPUs, no TensorFlow needed; agrees with upstream to float32 "
+                        "rounding, docs/equivalence.md) or auto (default: tf where TensorFlow is installed, else "
+                        "torch; the first [INFO] line says which).", MODEL, choices=list(BACKENDS))
     device: str = _opt("auto", "Where the networks run: auto (CUDA, then MPS, then CPU), cpu, cuda or mps (mps: torch "
                        "backend only). --cpu is --device cpu.", MODEL, choices=list(DEVICES))
     bn: str = _opt("auto", "BatchNorm form: fused (exact, CPU/CUDA), unfused (Metal); auto picks per device.",
@@ -193,7 +194,7 @@ class Options:
             raise UsageError("--keepgeom and --addctab are FreeSurfer 8 options; upstream SynthSeg has neither")
         if self.engine == "upstream" and self.precision != "fp32":
             raise UsageError("--precision is a native-engine option; upstream SynthSeg runs in fp32 only")
-        if self.engine == "upstream" and (self.backend != "tf" or self.device not in ("auto", "cpu")):
+        if self.engine == "upstream" and (self.backend == "torch" or self.device not in ("auto", "cpu")):
             raise UsageError("--backend and --device are native-engine options; upstream SynthSeg runs TensorFlow "
                              "(use --cpu to keep it off the GPU)")
         if self.cpu and self.device not in ("auto", "cpu"):
@@ -219,13 +220,56 @@ class Options:
 
     @classmethod
     def from_keywords(cls, where: str, **keywords: Any) -> Options:
-        """Options from keyword arguments (the API), refusing unknown names as a usage error naming them."""
+        """Options from keyword arguments (the API), refusing unknown names and values of the wrong type as usage
+        errors naming the keyword, as the command line's parser refuses them (a switch given ``"no"`` would
+        otherwise count as on). Paths may be ``os.PathLike``."""
         known = set(cls.names())
         unknown = sorted(set(keywords) - known)
         if unknown:
             raise UsageError(f"{where}: unknown option(s) {', '.join(unknown)}; the options are the command "
                              f"line's flags: {', '.join(sorted(known - {'i', 'o'}))}")
-        return cls(**keywords)
+        by_name = {f.name: f for f in fields(cls)}
+        return cls(**{k: _typed(where, k, v, by_name[k].metadata) for k, v in keywords.items()})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _typed(where: str, name: str, value: Any, meta: Any) -> Any:
+    """``value`` of keyword ``name`` checked against what its flag takes (paths as str); :class:`UsageError` if not."""
+    argparse = meta["argparse"]
+
+    def wrong(expected: str) -> UsageError:
+        return UsageError(f"{where}: {name} must be {expected}, not {value!r}")
+
+    if value is None:
+        return None
+    if argparse.get("action") == "store_true":
+        if not isinstance(value, (bool, np.bool_)):
+            raise wrong("True or False")
+        return bool(value)
+    if name == "qc" and isinstance(value, (bool, np.bool_)):  # Segmenter(qc=True): the QC network
+        return bool(value)
+    if argparse.get("type") is int:
+        if argparse.get("nargs") == "+" and isinstance(value, (list, tuple)):
+            if not value or not all(_is_int(v) for v in value):
+                raise wrong("an integer or a list of integers")
+            return [int(v) for v in value]
+        if not _is_int(value):
+            raise wrong("an integer or a list of integers" if argparse.get("nargs") == "+" else "an integer")
+        return int(value)
+    if argparse.get("nargs") == "+":  # a list of words (--bids-suffix)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise wrong("a string or a list of strings")
+        return list(items)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise wrong("a size with a unit such as '8G', or 'auto'" if name == "max_memory" else
+                    f"one of {', '.join(argparse['choices'])}" if "choices" in argparse else "a string or a path")
+    return value
 
 
 def crop_sizes(crop: Any) -> list[Any]:

@@ -20,7 +20,8 @@ from . import labels as L
 from . import tiling
 from .runtime import Runtime, Timings
 
-__all__ = ["Predictor", "Runtime", "Timings", "load", "prepare", "resolve_backend", "start"]
+__all__ = ["Predictor", "Runtime", "Timings", "backend_reason", "installed", "load", "prepare", "resolve_backend",
+           "start"]
 
 
 class Predictor(Protocol):
@@ -46,18 +47,46 @@ class Predictor(Protocol):
         """A GPU's free memory now and its name (the memory budget of an image); None: host memory."""
 
 
-def resolve_backend(opts: Options) -> str:
-    """``--backend`` with ``auto`` decided: torch when PyTorch is installed and sees a CUDA or MPS GPU (and
-    ``--cpu`` / ``--device cpu`` do not forbid it), else tf, whose CPU result is upstream's bytes."""
-    if opts.backend != "auto":
-        return opts.backend
-    if opts.cpu or opts.device == "cpu":
-        return "tf"
+INSTALL_TF = "pip install 'synthseg-native[tf]' (TensorFlow 2.15, Python 3.9-3.11: upstream's bytes on the CPU)"
+INSTALL_TORCH = "pip install 'synthseg-native[torch]' (PyTorch: CUDA and Apple GPUs, or the CPU)"
+
+
+def installed(framework: str) -> bool:
+    """Whether ``framework`` (``tensorflow``, ``torch``) can be imported here, without importing it."""
     try:
-        from .backends.torch import devices  # heavy: imports PyTorch
-    except ImportError:
+        return importlib.util.find_spec(framework) is not None
+    except ImportError:  # an import hook that refuses it
+        return False
+
+
+def resolve_backend(opts: Options) -> str:
+    """``--backend`` with ``auto`` decided by what is installed: tf where TensorFlow is (upstream's bytes on the
+    CPU), else torch; torch also when only it can honour the request (``--device mps``, ``--precision tf32``).
+    :class:`UsageError` when nothing that can run the request is installed, naming the extra to add."""
+    needs_torch = opts.device == "mps" or opts.precision == "tf32"
+    if opts.backend == "tf" or (opts.backend == "auto" and installed("tensorflow") and not needs_torch):
+        if not installed("tensorflow"):
+            raise UsageError(f"the tf backend needs TensorFlow, which this environment lacks: {INSTALL_TF}; or use "
+                             "--backend torch (or auto)")
         return "tf"
-    return "torch" if devices.available()[0] != "cpu" else "tf"
+    if not installed("torch"):
+        if opts.backend == "auto" and not installed("tensorflow"):
+            raise UsageError(f"no network backend is installed: {INSTALL_TF}, or {INSTALL_TORCH}")
+        why = "the torch backend" if opts.backend == "torch" else f"--device {opts.device} / --precision " \
+            f"{opts.precision} (torch backend)"
+        raise UsageError(f"{why} needs PyTorch, which this environment lacks: {INSTALL_TORCH}")
+    return "torch"
+
+
+def backend_reason(opts: Options, backend: str) -> str:
+    """Why ``--backend auto`` chose ``backend`` (for the first [INFO] line); empty for an explicit choice."""
+    if opts.backend != "auto":
+        return ""
+    if backend == "tf":
+        return "--backend auto: TensorFlow is installed"
+    if installed("tensorflow"):
+        return f"--backend auto: --device {opts.device} and --precision {opts.precision} need PyTorch"
+    return "--backend auto: PyTorch is installed, TensorFlow is not"
 
 
 def prepare(debug: bool = False, backend: str = "tf") -> None:
@@ -74,9 +103,9 @@ def start(opts: Options) -> Runtime:
         from .backends.torch import predictor as torch_backend  # heavy: imports PyTorch
 
         return torch_backend.start(opts)
-    if importlib.util.find_spec("tensorflow") is None:
-        raise UsageError("the tf backend needs TensorFlow, which this environment lacks (built with "
-                         "BACKEND=torch, or Python >= 3.12): add --backend torch")
+    if not installed("tensorflow"):
+        raise UsageError(f"the tf backend needs TensorFlow, which this environment lacks: {INSTALL_TF}; or use "
+                         "--backend torch (or auto)")
     from .backends.tf import predictor as tf_backend  # heavy: imports TensorFlow
 
     return tf_backend.start(opts)

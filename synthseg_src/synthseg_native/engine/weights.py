@@ -34,10 +34,11 @@ _ORDER = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
 
 
 def search_dirs(models_dir: str | None = None) -> list[tuple[str, Path]]:
-    """Candidate folders in priority order, each with the reason it is searched."""
-    dirs: list[tuple[str, Path]] = []
+    """Candidate folders in priority order, each with the reason it is searched. An explicit ``--models`` folder is
+    the only one: a typo in it must not quietly run other weights found further down the list."""
     if models_dir:
-        dirs.append(("--models", Path(models_dir)))
+        return [("--models", Path(models_dir))]
+    dirs: list[tuple[str, Path]] = []
     if os.environ.get("SYNTHSEG_MODELS"):
         dirs.append(("$SYNTHSEG_MODELS", Path(os.environ["SYNTHSEG_MODELS"])))
     dirs.append(("./models", Path.cwd() / "models"))
@@ -48,16 +49,29 @@ def search_dirs(models_dir: str | None = None) -> list[tuple[str, Path]]:
     return dirs
 
 
-def find_weights(filename: str, models_dir: str | None = None) -> Path:
-    """First existing ``filename`` along the search order; the error lists every place tried."""
+def locate(filename: str, models_dir: str | None = None) -> tuple[Path, str]:
+    """The first existing ``filename`` along the search order, and why that folder was searched (``--models``,
+    ``$SYNTHSEG_MODELS``, ...); the error names every place tried."""
+    if models_dir and not Path(models_dir).is_dir():
+        raise WeightsError(f"--models {models_dir}: no such folder (an explicit --models folder is the only place "
+                           f"searched). Official weights are not distributed with this toolkit: {OFFICIAL_SOURCE}")
     tried = []
     for why, folder in search_dirs(models_dir):
         candidate = folder / filename
         if candidate.is_file():
-            return candidate
+            return candidate, why
         tried.append(f"{candidate} ({why})")
+    if models_dir:
+        raise WeightsError(f"weights file {filename} not found in the --models folder {models_dir} (the only place "
+                           f"searched when --models is given). Official weights are not distributed with this "
+                           f"toolkit: {OFFICIAL_SOURCE}")
     raise WeightsError(f"weights file {filename} not found; searched: {'; '.join(tried)}. "
                        f"Official weights are not distributed with this toolkit: {OFFICIAL_SOURCE}")
+
+
+def find_weights(filename: str, models_dir: str | None = None) -> Path:
+    """:func:`locate`'s file."""
+    return locate(filename, models_dir)[0]
 
 
 def _names(attr) -> list[str]:

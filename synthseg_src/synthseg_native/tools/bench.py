@@ -137,7 +137,7 @@ def resolve_weights(models: str | None, flags: list[str], work: Path) -> tuple[s
     missing = [k for k in keys if not (folder / MODEL_FILES[k]).is_file()]
     if missing:
         logger.log(RUN, f"no official weights found; generating seeded test weights in {folder} ({', '.join(missing)})")
-        generate(folder, seed=0, only=missing)
+        generate(folder, only=missing)
     return str(folder), True
 
 

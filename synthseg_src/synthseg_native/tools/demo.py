@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 import nibabel as nib
 
 from ..cli import main as cli_main
-from ..engine.backends.tf.devices import prepare_tensorflow
 from ..engine.weights import MODEL_FILES, OFFICIAL_SOURCE, find_weights
 from ..errors import WeightsError
 from ..log import DONE, RUN
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/demo", help="Output folder (default: results/demo).")
     p.add_argument("--models", help="Folder with official weights (default: the usual search order).")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--flags", default="", help="Extra SynthSeg flags, e.g. '--fast'.")
+    p.add_argument("--flags", default="", help="Extra SynthSeg flags, e.g. '--fast', '--parc --qc qc.csv', "
+                   "'--backend torch'.")
     args = p.parse_args(argv)
-    prepare_tensorflow()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -72,14 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         logger.info(f"using weights in {models}")
     except WeightsError:
         folder = out / "test-weights"
-        if not (folder / MODEL_FILES["seg2"]).is_file():
-            logger.log(RUN, f"no official weights found; generating seeded test weights in {folder}")
-            generate(folder, seed=0, only=["seg2"])
+        missing = [k for k, name in MODEL_FILES.items() if not (folder / name).is_file()]
+        if missing:  # all five, so that --flags "--parc --qc ..." and "--robust" work too
+            logger.log(RUN, f"no official weights found; writing seeded test weights into {folder}")
+            generate(folder, only=missing)
         models, test_weights = str(folder), True
 
     argv2 = ["--i", str(image), "--o", str(out / "mni152_synthseg.nii.gz"),
              "--vol", str(out / "mni152_volumes.csv"), "--snapshot", str(out / "qc"), "--models", models,
-             *args.flags.split()]
+             *shlex.split(args.flags)]
     if args.threads:
         argv2 += ["--threads", str(args.threads)]
     rc = cli_main(argv2)

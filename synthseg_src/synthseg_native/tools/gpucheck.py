@@ -10,10 +10,9 @@ Two steps, on two machines:
   ``--scans`` scans in a row (segment and write, as a batch does), the GPU's peak memory, where the time went,
   and the agreement with the CPU reference. One ``summary.json`` and ``summary.md`` in ``--out``.
 
-Weights: ``--models`` when given (official weights, present on both machines), else seeded test weights: the
-reference step generates them (``tools.testweights``, which calibrates with TensorFlow) and keeps only their
-recipes (``recipes/``, ~100 kB each, ``tools.weightrecipe``); the run step rebuilds the same arrays bit for bit
-from them with numpy and h5py. Results are then comparable, but anatomically meaningless.
+Weights: ``--models`` when given (official weights, present on both machines), else seeded test weights, which
+both steps rebuild from the recipes in the package (``tools.testweights``: numpy and h5py, bit for bit the same
+files on both machines). Results are then comparable, but anatomically meaningless.
 """
 
 from __future__ import annotations
@@ -33,18 +32,13 @@ import numpy as np
 
 from ..api import Segmenter, save
 from ..config.sizes import format_size
-from ..engine.backends.tf.devices import prepare_tensorflow
-from ..engine.weights import MODEL_FILES
-from ..errors import WeightsError
 from ..io.atomic import write_text
 from ..log import DONE, RUN
-from . import weightrecipe
 from .testweights import generate
 
 logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
 
 MODES = {"default": {}, "fast": {"fast": True}, "robust": {"robust": True}, "parcqc": {"parc": True, "qc": True}}
-RECIPES = "recipes"  # folder of the reference: the test weights as tools.weightrecipe recipes
 STRIDE = 5  # posterior sample: every 5th voxel along each axis (1/125 of them)
 
 
@@ -53,28 +47,12 @@ def keys_for(modes: list[str]) -> list[str]:
     return sorted({k for m in modes for k in {"robust": ["robust"], "parcqc": ["seg2", "parc", "qc"]}.get(m, ["seg2"])})
 
 
-def reference_weights(models: str | None, out: Path, work: Path, modes: list[str]) -> str:
-    """``models``, or seeded test weights generated into ``work`` with their recipes in ``out/recipes`` (the
-    files themselves are too big to carry, and the GPU machine cannot generate them: no TensorFlow there)."""
+def test_weights(models: str | None, work: Path, modes: list[str]) -> str:
+    """``models``, or the seeded test weights the modes need, rebuilt into ``work`` from the package's recipes (the
+    same files on both machines; the GPU machine has no TensorFlow and the files are too big to carry)."""
     if models:
         return models
-    prepare_tensorflow()
-    generate(work, seed=0, only=keys_for(modes), recipes=out / RECIPES)
-    return str(work)
-
-
-def run_weights(models: str | None, ref_dir: Path, work: Path, modes: list[str]) -> str:
-    """``models``, or the reference's test weights rebuilt from their recipes (bit-identical, or an error)."""
-    if models:
-        return models
-    recipes = ref_dir / RECIPES
-    missing = [k for k in keys_for(modes)
-               if not (recipes / f"{MODEL_FILES[k]}{weightrecipe.RECIPE_SUFFIX}").is_file()]
-    if missing:
-        raise WeightsError(f"{recipes}: no recipe for {', '.join(MODEL_FILES[k] for k in missing)}; run the "
-                           "reference step with these modes, or pass --models")
-    rebuilt = weightrecipe.rebuild_all(recipes, work)
-    logger.info(f"test weights rebuilt from {recipes}/ ({len(rebuilt)} files, arrays identical to the reference's)")
+    generate(work, only=keys_for(modes))
     return str(work)
 
 
@@ -100,7 +78,7 @@ def reference(args: argparse.Namespace) -> int:
         shutil.copy(image, out / image.name)
     work = Path(tempfile.mkdtemp(prefix="gpucheck-weights-"))
     try:
-        models = reference_weights(args.models, out, work, args.modes)
+        models = test_weights(args.models, work, args.modes)
         reference_runs(args, image, models, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -140,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     image = Path(args.image) if args.image else ref_dir / json.loads((ref_dir / "reference.json").read_text())["image"]
     facts = json.loads((ref_dir / "reference.json").read_text())
-    models = run_weights(args.models, ref_dir, Path(tempfile.mkdtemp(prefix="gpucheck-weights-")), args.modes)
+    models = test_weights(args.models, Path(tempfile.mkdtemp(prefix="gpucheck-weights-")), args.modes)
     device = devices.pick(args.device)
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="gpucheck-out-"))

@@ -1,7 +1,8 @@
 """Put first on PYTHONPATH by tests/tools/test_gpucheck.py: the packages the lent GPU machine lacks are made
-unimportable, so the test runs what that machine would.
+unimportable, so the test runs what that machine would (and by the tests of other environments: a torch-only or a
+bare install).
 
-TensorFlow, Keras and nilearn are not there at all. ``GPU_CHECK_TEST_ONLY_FROM=name=folder`` makes ``name`` (the
+TensorFlow, Keras and nilearn are not there at all (``TEST_ABSENT=a,b`` names other packages instead). ``GPU_CHECK_TEST_ONLY_FROM=name=folder`` makes ``name`` (the
 test uses nibabel, which the device lacks too) importable only from ``folder``: from the carried wheel that
 ``gpu_check.sh run`` installs there, not from this machine's environment.
 """
@@ -11,7 +12,7 @@ import importlib.machinery
 import os
 import sys
 
-ABSENT = ("tensorflow", "keras", "nilearn")
+ABSENT = tuple(os.environ.get("TEST_ABSENT", "tensorflow,keras,nilearn").split(","))
 ONLY_FROM = dict(item.split("=", 1) for item in os.environ.get("GPU_CHECK_TEST_ONLY_FROM", "").split(",") if item)
 
 
