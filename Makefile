@@ -13,10 +13,10 @@ OUT ?=
 FLAGS ?=
 THREADS ?=
 
-.PHONY: help setup test test-fast lint doctor clean demo run _need_shellcheck
+.PHONY: help setup test test-fast lint doctor clean demo run testweight-recipes _need_shellcheck
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: ## Build .venv for this platform (GPU=cuda on Linux; BACKEND=torch: .venv-torch, no TensorFlow; FORCE=1 rebuilds; PYTHON=)
 	@BACKEND="$(or $(BACKEND),tf)" VENV="$(VENV)" bash scripts/setup_tf_metal_env.sh
@@ -33,7 +33,7 @@ test-fast: _need_shellcheck $(STAMP) ## The quick part of the tests (pytest -m "
 	@$(MAKE) --no-print-directory lint
 
 lint: _need_shellcheck $(STAMP) ## ruff, the import layers (lint-imports, pyproject.toml) and shellcheck
-	$(VENV)/bin/ruff check synthseg_src tests
+	$(VENV)/bin/ruff check synthseg_src tests devtools
 	$(VENV)/bin/lint-imports --no-cache
 	shellcheck $(SHELL_SCRIPTS)
 
@@ -53,6 +53,9 @@ run: $(STAMP) ## Segment IN into OUT with upstream's FLAGS, e.g. make run IN=t1.
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "[ERR] usage: make run IN=input OUT=output [FLAGS='--parc --vol v.csv']" >&2; exit 2; }
 	@$(PY) -m synthseg_native --i "$(IN)" --o "$(OUT)" $(if $(THREADS),--threads $(THREADS)) \
 		$(if $(BACKEND),--backend $(BACKEND)) $(FLAGS)
+
+testweight-recipes: $(STAMP) ## Development: recalibrate the test weights with TensorFlow and rewrite the recipes in the package
+	@$(PY) -m devtools.weightauthor
 
 clean: ## Remove caches and demo outputs (keeps .venv; rm -rf .venv for a full reset)
 	rm -rf results/demo .pytest_cache .ruff_cache .snakemake build synthseg_src/*.egg-info

@@ -153,7 +153,9 @@ if [[ "${platform}" == linux-* && "${flavour}" == "cpu" && -n "${TORCH_CPU_INDEX
   if index_reachable "${TORCH_CPU_INDEX%/}/torch/"; then
     packages+=(--extra-index-url "${TORCH_CPU_INDEX}")
   else
-    log_info "PyTorch's CPU index ${TORCH_CPU_INDEX} is unreachable: torch comes from the configured indexes"
+    log_warn "PyTorch's CPU index ${TORCH_CPU_INDEX} is unreachable: torch comes from the configured indexes," \
+      "which on Linux means PyPI's CUDA build (several GB of downloads); set TORCH_CPU_INDEX to a reachable mirror" \
+      "of PyTorch's CPU wheels to avoid it"
   fi
 elif [[ "${platform}" == linux-* && "${flavour}" == "cpu" && -n "${TORCH_CPU_INDEX}" ]]; then
   packages+=(--extra-index-url "${TORCH_CPU_INDEX}")

@@ -69,8 +69,9 @@ class ImageResult:
 
 @dataclass
 class Result:
-    """What :func:`segment` or :meth:`Segmenter.run` did: a :class:`ScanReport` per scan, the exit status the
-    command line would return, and, for an in-memory input, its :class:`ImageResult`."""
+    """What :func:`segment` or :meth:`Segmenter.run` did: a :class:`ScanReport` per scan (one for an in-memory
+    input too), the exit status the command line would return, and for an in-memory input ``images == [its
+    ImageResult]``."""
 
     scans: list[ScanReport]
     exit_code: int = 0
@@ -121,9 +122,14 @@ def segment(input: ImageInput, output: str | os.PathLike | None = None, **option
             raise UsageError(f"segment(): {', '.join(batch_only)} need files or folders as input, not an image")
         with Segmenter(**options, **({"qc": True} if files.get("qc") else {})) as seg:
             image = seg.segment_image(input, posteriors=bool(files.get("post")))
-            save(image, output, addctab=seg.options.addctab, parc=seg.options.parc,
-                 **{k: v for k, v in files.items() if k in IMAGE_FILES})
-        return Result([], 0, [image])
+            written = {k: v for k, v in files.items() if k in IMAGE_FILES and v is not None}
+            save(image, output, addctab=seg.options.addctab, parc=seg.options.parc, **written)
+        made = {"post": image.posteriors, "resample": image.resampled, "qc": image.qc, "vol": image.volumes}
+        outputs = [os.fspath(p) for p in (output, *(v for k, v in written.items() if made[k] is not None))
+                   if p is not None]
+        report = ScanReport(image.name, outputs, "done", seconds=sum(image.timings.values()),
+                            stages=dict(image.timings), volumes=dict(image.volumes), qc=image.qc)
+        return Result([report], 0, [image])
     opts = _split("segment()", {**options, "i": os.fspath(input), "o": None if output is None else os.fspath(output)},
                   set(Options.names()))
     opts, plan = _planned(opts)

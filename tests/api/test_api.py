@@ -84,7 +84,11 @@ def test_segment_of_an_image_object_saves_like_the_cli(cli_run, inputs, tmp_path
     result = segment(img, tmp_path / "seg.nii.gz", post=str(tmp_path / "post.nii.gz"), vol=str(tmp_path / "vol.csv"),
                      qc=str(tmp_path / "qc.csv"), resample=str(tmp_path / "res.nii.gz"), models=str(models),
                      threads=2, fast=True)
-    assert result.ok and len(result.images) == 1 and result.scans == []
+    assert result.ok and len(result.images) == 1 and len(result.scans) == 1
+    scan = result.scans[0]  # the docs' result.scans[0] works for an image in memory too
+    assert scan.status == "done" and scan.volumes == result.images[0].volumes and scan.qc == result.images[0].qc
+    assert sorted(scan.outputs) == sorted(str(tmp_path / n) for n in ("seg.nii.gz", "post.nii.gz", "vol.csv",
+                                                                      "qc.csv", "res.nii.gz"))
     assert files_of(tmp_path) == files_of(cli_out)
     before = files_of(tmp_path)
     bare = segment(img, models=str(models), fast=True).images[0]  # no output: nothing written

@@ -63,7 +63,8 @@ def test_a_bare_install_says_which_extra_to_add(tmp_path):
     """The command line in an environment without TensorFlow and PyTorch (both hidden): one [ERR], exit 2."""
     image = tmp_path / "t1.nii.gz"
     image.write_bytes(b"")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BLOCK), *sys.path]), "TEST_ABSENT": "tensorflow,keras,torch"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BLOCK), *sys.path]),
+           "TEST_ABSENT": "tensorflow,keras,torch"}
     proc = subprocess.run([sys.executable, "-m", "synthseg_native", "--i", str(tmp_path), "--o", str(tmp_path / "o")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr

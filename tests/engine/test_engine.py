@@ -172,11 +172,21 @@ def test_missing_weights_name_every_place_searched(inputs, tmp_path, capsys, mon
     monkeypatch.setenv("SYNTHSEG_MODELS", str(tmp_path / "env_models"))
     monkeypatch.setenv("FREESURFER_HOME", str(tmp_path / "fs"))
     monkeypatch.chdir(tmp_path)
-    rc = run("--i", inputs["ras"], "--o", tmp_path / "s.nii.gz", "--models", tmp_path / "nowhere")
+    rc = run("--i", inputs["ras"], "--o", tmp_path / "s.nii.gz")
     assert rc == 1
     err = capsys.readouterr().err
-    for where in ("nowhere", "env_models", "./models", "fs/models", "FREESURFER_HOME"):
+    for where in ("env_models", "./models", "fs/models", "FREESURFER_HOME"):
         assert where in err
+    assert not (tmp_path / "s.nii.gz").exists()
+
+
+def test_an_explicit_models_folder_is_the_only_place(inputs, tmp_path, capsys, monkeypatch, weights):
+    """A typo in --models is an error naming it, even where $SYNTHSEG_MODELS holds usable weights."""
+    monkeypatch.setenv("SYNTHSEG_MODELS", str(weights.need("seg2")))
+    rc = run("--i", inputs["ras"], "--o", tmp_path / "s.nii.gz", "--models", tmp_path / "nowhere")
+    assert rc == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"[ERR] --models {tmp_path / 'nowhere'}: no such folder"), err
     assert not (tmp_path / "s.nii.gz").exists()
 
 

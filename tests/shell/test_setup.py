@@ -218,6 +218,17 @@ def test_setup_stamp_makes_second_run_a_no_op(tmp_path):
     assert "venv" not in calls and any("tensorflow[and-cuda]==2.15.1" in c for c in calls)
 
 
+def test_unreachable_cpu_index_is_a_warning_that_says_what_it_costs(tmp_path):
+    """Without PyTorch's CPU index, pip takes PyPI's CUDA build of torch on Linux: several GB, worth a [WARN]."""
+    env = {"PYTHON": str(recording_python(tmp_path, tmp_path / "calls.log")), "VENV": str(tmp_path / "venv"),
+           "SETUP_UNAME_S": "Linux", "SETUP_UNAME_M": "x86_64", "TORCH_CPU_INDEX": "http://127.0.0.1:9/cpu"}
+    r = setup(env, dry=False)
+    assert r.returncode == 0, r.stderr
+    warn = [line for line in r.stderr.splitlines() if line.startswith("[WARN]")]
+    assert len(warn) == 1 and "http://127.0.0.1:9/cpu is unreachable" in warn[0], r.stderr
+    assert "PyPI's CUDA build (several GB of downloads)" in warn[0] and "is unreachable" not in r.stdout
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_venv(tmp_path):
     folder = tmp_path / "precious"
     folder.mkdir()
@@ -248,6 +259,9 @@ def test_make_help_lists_every_target_once():
     for target in ("help", "setup", "test", "lint", "doctor", "clean"):
         assert targets.count(target) == 1, r.stdout
     assert all(len(line.split(maxsplit=1)) == 2 for line in r.stdout.splitlines() if line.strip())
+    # every description starts in the same column, the longest target name included (gpu-check-prepare)
+    starts = {len(line) - len(line.split(maxsplit=1)[1]) for line in r.stdout.splitlines() if line.strip()}
+    assert len(starts) == 1, r.stdout
 
 
 def test_gitignore_keeps_committed_results():

@@ -151,7 +151,7 @@ def test_failed_run_leaves_no_trusted_record(tmp_path, t1):
     proc = stage(src, tmp_path=tmp_path, SYNTHSEG_MODELS=tmp_path / "no weights", FORCE=1)
     assert proc.returncode == 1 and not side.exists()
     errors = lines(proc, "[ERR] ")
-    assert len(errors) == 1 and "weights file synthseg_2.0.h5 not found" in errors[0], proc.stderr
+    assert len(errors) == 1 and "no weights: no such folder" in errors[0], proc.stderr
 
 
 @pytest.fixture

@@ -64,7 +64,9 @@ def test_few_voxels_fail_by_default_and_pass_with_tolerances(tmp_path, capsys):
     pa, pb = _save(tmp_path / "a.nii.gz", a), _save(tmp_path / "b.nii.gz", b)
     report = tmp_path / "sub dir" / "report ü.md"
     assert _run(pa, pb, "--report", report) == 1
-    assert f"[ERR] results differ beyond tolerance: {n} voxels differ" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert f"[ERR] results differ beyond the exact tolerance: {n} voxels differ" in out.err
+    assert "add --tolerance float32 (make diff DIFF_FLAGS='--tolerance float32'" in out.out  # the hint
     text = report.read_text()
     assert f"voxels that differ: **{n}**" in text and "verdict: **FAIL**" in text
     assert _run(pa, pb, "--report", report, "--max-voxel-diff", n, "--min-dice", "0.9") == 0
@@ -108,6 +110,33 @@ def test_posteriors_max_difference(tmp_path, pair, capsys):
     assert _run(*pair, "--post-a", pa, "--post-b", near, "--max-post-diff", "1e-7", "--report", r) == 1
     wrong = _save(tmp_path / "pd.nii.gz", post[..., :4])
     assert _run(*pair, "--post-a", pa, "--post-b", wrong, "--report", r) == 1
+
+
+def test_float32_tolerance_for_backends(tmp_path, capsys):
+    """Two backends: a few flipped near-ties and rounding-sized posterior differences pass ``--tolerance float32``
+    (the documented bounds), fail the exact default, and a real difference fails both."""
+    rng = np.random.default_rng(2)
+    seg = rng.integers(0, 5, (60, 60, 60)).astype(np.int32)  # 216,000 voxels: 21 may differ at 1e-4
+    flipped = seg.copy()
+    flipped.reshape(-1)[:20] += 1
+    post = rng.random((60, 60, 60, 3)).astype(np.float32)
+    rounded = post + np.float32(3e-5)
+    rounded.reshape(-1)[:50] += 0.5  # posteriors of flipped voxels move a lot: 50 of 648,000 values
+    va, vb = tmp_path / "a.csv", tmp_path / "b.csv"
+    va.write_text(HEADER + "s,1500000.123,250000.5,300000.25\n")
+    vb.write_text(HEADER + "s,1500001.2,250000.5,300000.25\n")
+    a, b = _save(tmp_path / "a.nii.gz", seg), _save(tmp_path / "b.nii.gz", flipped)
+    pa, pb = _save(tmp_path / "pa.nii.gz", post), _save(tmp_path / "pb.nii.gz", rounded)
+    files = [a, b, "--post-a", pa, "--post-b", pb, "--vol-a", va, "--vol-b", vb, "--report", tmp_path / "r.md"]
+    assert _run(*files) == 1
+    assert _run(*files, "--tolerance", "float32") == 0, capsys.readouterr()
+    text = (tmp_path / "r.md").read_text()
+    assert "tolerance 21 (0.01 %): ok" in text and "(tolerance 0.01 %): ok" in text
+    more = flipped.copy()
+    more.reshape(-1)[:30] += 1
+    c = _save(tmp_path / "c.nii.gz", more)
+    assert _run(a, c, "--tolerance", "float32", "--report", tmp_path / "r.md") == 1
+    assert "results differ beyond the float32 tolerance: 30 voxels differ" in capsys.readouterr().err
 
 
 def test_volume_columns_compared(tmp_path, pair, capsys):

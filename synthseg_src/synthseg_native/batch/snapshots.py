@@ -214,8 +214,9 @@ STYLE = (
     "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:right;vertical-align:middle}"
     "td.l,th.l{text-align:left}tr.failed{background:#fdd}tr.current{color:#555}img{width:560px;display:block}"
-    "small{color:#666}.more{display:none}#all:checked~table .more{display:table-cell}#all:checked~table img{width:320px}"
-    "label{display:inline-block;margin:0 0 .6em;font-size:14px;cursor:pointer}td.low{background:#fec}"
+    "small{color:#666}.more{display:none}#all:checked~table .more{display:table-cell}"
+    "#all:checked~table img{width:320px}"
+    "label{display:inline-block;margin:0 0 .6em;font-size:14px;cursor:pointer}"
 )
 
 

@@ -2,9 +2,10 @@
 unimportable, so the test runs what that machine would (and by the tests of other environments: a torch-only or a
 bare install).
 
-TensorFlow, Keras and nilearn are not there at all (``TEST_ABSENT=a,b`` names other packages instead). ``GPU_CHECK_TEST_ONLY_FROM=name=folder`` makes ``name`` (the
-test uses nibabel, which the device lacks too) importable only from ``folder``: from the carried wheel that
-``gpu_check.sh run`` installs there, not from this machine's environment.
+TensorFlow, Keras and nilearn are not there at all (``TEST_ABSENT=a,b`` names other packages instead).
+``GPU_CHECK_TEST_ONLY_FROM=name=folder`` makes ``name`` (the test uses nibabel, which the device lacks too) importable
+only from ``folder``: from the carried wheel that ``gpu_check.sh run`` installs there, not from this machine's
+environment.
 """
 
 import importlib.abc
