@@ -8,7 +8,7 @@ RESULTS ?=
 .PHONY: bench roofline profile-layers
 
 bench: $(STAMP) ## hyperfine native vs reference vs Docker, in rounds [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS= BACKENDS="tf torch" PRECISIONS="fp32 bf16" INTERLEAVE=0 MAX_TIME_RATIO= MAX_RSS_RATIO= MIN_AGREEMENT=]
-	@$(PY) -m synthseg_native.tools.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
+	@$(PY) -m devtools.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
 		$(if $(BACKENDS),--backends "$(BACKENDS)") $(if $(PRECISIONS),--precisions "$(PRECISIONS)") \
 		$(if $(filter 0,$(INTERLEAVE)),--no-interleave) \
 		$(if $(MAX_TIME_RATIO),--max-time-ratio "$(MAX_TIME_RATIO)") \
@@ -18,11 +18,11 @@ bench: $(STAMP) ## hyperfine native vs reference vs Docker, in rounds [IN= RUNS=
 		$(if $(RESULTS),--results "$(RESULTS)")
 
 roofline: $(STAMP) ## Conv3D throughput of this machine, fp32 and bf16/fp16 where supported [THREADS= RESULTS=]
-	@$(PY) -m synthseg_native.tools.roofline $(if $(THREADS),--threads "$(THREADS)") \
+	@$(PY) -m devtools.roofline $(if $(THREADS),--threads "$(THREADS)") \
 		--out "$(or $(RESULTS),results/$(shell date +%F)-$(shell hostname -s 2>/dev/null || hostname))/roofline.json"
 
 profile-layers: $(STAMP) ## Time every piece of the TF network stage against bare convs of its shapes [IN= THREADS= FLAGS= RESULTS=]
-	@$(PY) -m synthseg_native.tools.layerprofile $(if $(IN),--i "$(IN)") $(if $(THREADS),--threads "$(THREADS)") \
+	@$(PY) -m devtools.layerprofile $(if $(IN),--i "$(IN)") $(if $(THREADS),--threads "$(THREADS)") \
 		$(FLAGS) --out "$(or $(RESULTS),results/$(shell date +%F)-$(shell hostname -s 2>/dev/null || hostname))/layers.json"
 
 .PHONY: gpu-check-prepare gpu-check

@@ -38,7 +38,7 @@ case "${step}" in
       "${python}" -c 'import sys; from pathlib import Path; from synthseg_native.tools.demo import mni152_t1
 sys.exit(0 if mni152_t1(Path(sys.argv[1])) else 1)' "${image}" || die "cannot write the MNI152 T1 (nilearn)"
     fi
-    "${python}" -m synthseg_native.tools.gpucheck reference --image "${image}" --out "${DIR}" --copy-image \
+    PYTHONPATH="${PROJECT_ROOT}${PYTHONPATH:+:${PYTHONPATH}}" "${python}" -m devtools.gpucheck reference --image "${image}" --out "${DIR}" --copy-image \
       --modes "${modes[@]}" ${models[@]+"${models[@]}"} "$@"
     log_done "carry ${DIR} ($(du -sh "${DIR}" | cut -f1)) and run: bash scripts/gpu_check.sh run"
     ;;
@@ -51,9 +51,9 @@ sys.exit(0 if mni152_t1(Path(sys.argv[1])) else 1)' "${image}" || die "cannot wr
         "${WHEELS[@]}" \
         || die "offline install from ${DIR}/wheels failed: run 'scripts/gpu_check.sh prepare' here first"
     fi
-    export PYTHONPATH="${PROJECT_ROOT}/synthseg_src:${site}${PYTHONPATH:+:${PYTHONPATH}}"
+    export PYTHONPATH="${PROJECT_ROOT}:${PROJECT_ROOT}/synthseg_src:${site}${PYTHONPATH:+:${PYTHONPATH}}"
     read -r -a precisions <<< "${PRECISIONS:-fp32 bf16}"
-    "${python}" -m synthseg_native.tools.gpucheck run --ref "${DIR}" --out "${OUT:-${PROJECT_ROOT}/results/gpu_check}" \
+    "${python}" -m devtools.gpucheck run --ref "${DIR}" --out "${OUT:-${PROJECT_ROOT}/results/gpu_check}" \
       --device "${DEVICE:-cuda}" --scans "${SCANS:-5}" --modes "${modes[@]}" --precisions "${precisions[@]}" \
       ${models[@]+"${models[@]}"} "$@"
     ;;

@@ -14,7 +14,7 @@
 # DRY_RUN=1 (print the plan, install nothing), SETUP_UNAME_S / SETUP_UNAME_M (simulate a platform).
 # The environment is stamped with a hash of requirements-metal.txt, pyproject.toml, the platform and
 # the Python version: a second run with the same inputs only reports. Which packages a platform gets
-# is decided by the markers in requirements-metal.txt (see synthseg_native/tools/platforms.py).
+# is decided by the markers in requirements-metal.txt (see devtools/platforms.py).
 set -euo pipefail
 
 # shellcheck source=scripts/_common.sh
@@ -188,7 +188,7 @@ if [[ "${DRY}" == "1" ]]; then
   if [[ -n "${py_version}" ]]; then
     tf_gpu=""  # tensorflow[and-cuda] belongs to the TF backend only; torch's CUDA wheel is the PyPI default
     [[ "${BACKEND}" == torch ]] || tf_gpu="${gpu}"
-    PYTHONPATH="${PROJECT_ROOT}/synthseg_src" "${python_bin}" -m synthseg_native.tools.platforms "${REQUIREMENTS}" \
+    PYTHONPATH="${PROJECT_ROOT}:${PROJECT_ROOT}/synthseg_src" "${python_bin}" -m devtools.platforms "${REQUIREMENTS}" \
       "${platform}" --python "${py_version}" ${tf_gpu:+--gpu "${tf_gpu}"}
   fi
   exit 0

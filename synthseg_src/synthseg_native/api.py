@@ -36,7 +36,9 @@ from .batch.shards import make_plan
 from .config import GRID_STEP, Options, round_up
 from .config.options import IO, MODEL, NATIVE_ONLY, RUN, crop_sizes
 from .engine import predictor as engine
+from .engine.backend import Backend
 from .engine.segment import memory_plan, segment_image
+from .engine.spec import ModelSpec
 from .engine.weights import MODEL_FILES, locate
 from .errors import OutputError, UsageError
 from .io import colours
@@ -139,10 +141,10 @@ def segment(input: ImageInput, output: str | os.PathLike | None = None, **option
         rc = run_upstream(opts)
         return Result([ScanReport(p, plan.image_outputs(k), "done" if rc == 0 else "failed")
                        for k, p in enumerate(plan.images)], rc)
-    runtime = engine.start(opts)
-    opts = replace(opts, precision=runtime.precision)
-    _announce(opts, runtime, len(plan.images), engine.backend_reason(given, opts.backend))
-    return _run(opts, plan, None)
+    backend = engine.start(ModelSpec.of(opts))
+    opts = replace(opts, precision=backend.runtime.precision)
+    _announce(opts, backend.runtime, len(plan.images), engine.backend_reason(given, opts.backend))
+    return _run(opts, plan, None, backend)
 
 
 def _planned(opts: Options) -> tuple[Options, Plan]:
@@ -173,14 +175,14 @@ def _announce(opts: Options, runtime: engine.Runtime, images: int | None, reason
                 f"{count}{runtime.threads} thread(s), device {runtime.device}, weights {folder.parent} ({why})")
 
 
-def _run(opts: Options, plan: Plan, predictor: engine.Predictor | None) -> Result:
+def _run(opts: Options, plan: Plan, predictor: engine.Predictor | None, backend: Backend | None = None) -> Result:
     if plan.bids_root is not None:
         try:
             write_dataset_files(plan, opts.o or "", opts.v1, opts.parc,
                                 f"{_version(opts)}, native engine ({opts.backend} backend)")
         except OSError as exc:
             raise OutputError(exc.errno, f"{opts.o}: cannot write the derivative dataset's files ({exc})") from exc
-    report = runner.run(opts, plan, predictor)
+    report = runner.run(opts, plan, predictor, backend)
     return Result(report.scans, report.exit_code)
 
 
@@ -203,11 +205,13 @@ class Segmenter:
             raise UsageError("Segmenter(): the upstream engine is for comparisons; use segment(..., engine='upstream')")
         given, opts = opts, replace(opts, backend=engine.resolve_backend(opts))
         engine.prepare(opts.debug, opts.backend)
-        self.runtime = engine.start(opts)
+        backend = engine.start(ModelSpec.of(opts))
+        self.runtime = backend.runtime
         self.options = replace(opts, precision=self.runtime.precision, qc=bool(opts.qc))
+        self.spec = ModelSpec.of(self.options)
         _announce(self.options, self.runtime, None, engine.backend_reason(given, opts.backend))
         self.timings = engine.Timings()
-        self.predictor = engine.load(self.options, self.timings, self.runtime)
+        self.predictor = engine.load(self.spec, self.timings, backend)
         self.labels = self.predictor.labels
         self._columns = V.volume_columns(self.labels, self.options.parc)
 
@@ -251,14 +255,14 @@ class Segmenter:
         if isinstance(image, (str, os.PathLike)):
             path = os.fspath(image)
             label = name or path
-            decision = memory_plan(label, peek_image(path), self.options, self._loaded())
+            decision = memory_plan(label, peek_image(path), self.spec, self._loaded())
             loaded = load_image(path)
         else:
             label = name or (image.get_filename() or "image")
-            decision = memory_plan(label, image_info(image, label), self.options, self._loaded())
+            decision = memory_plan(label, image_info(image, label), self.spec, self._loaded())
             loaded = from_nibabel(image, label)
         timings = engine.Timings()
-        result = segment_image(self._loaded(), self.options, loaded, label, decision, timings,
+        result = segment_image(self._loaded(), self.spec, loaded, label, decision, timings,
                                posteriors=posteriors)
         prep = result.prepared
         qc = None

@@ -3,7 +3,8 @@
 Only a shell over the API: parse the flags into :class:`~synthseg_native.config.Options`, call
 :func:`synthseg_native.api.segment`, and turn what comes back into an exit status. So the command line
 and a Python caller cannot drift apart. A first word that is not a flag names a subcommand
-(``synthseg-native stage [IN [OUT]]``: the pipeline step, :mod:`.stage`); upstream's command line has no
+(``synthseg-native stage [IN [OUT]]``: the pipeline step, :mod:`.stage`; ``cohort``, ``provenance``,
+``snapshots``: the batch bookkeeping's own commands, :mod:`.commands`); upstream's command line has no
 positional arguments, so the two cannot be confused.
 
 Exit status: 0 all images done, 1 some failed (or weights/outputs unusable), 2 usage error, 128+N stopped
@@ -18,12 +19,12 @@ import sys
 from dataclasses import asdict
 from types import FrameType
 
-from . import stage
+from . import commands, stage
 from .config.parser import build_parser, parse
 from .errors import Interrupted, SynthSegError, UsageError
 
 logger = logging.getLogger(__name__)
-SUBCOMMANDS = {"stage": stage.main}
+SUBCOMMANDS = {"stage": stage.main, **commands.SUBCOMMANDS}
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from synthseg_native.batch import cohort, shards
+from synthseg_native.batch import shards
 from synthseg_native.batch.plan import plan_outputs, scan_names
 from synthseg_native.batch.progress import Progress, fmt_seconds
 from synthseg_native.cli import main
@@ -182,13 +182,13 @@ def test_sharded_batch_equals_one_batch(weights, folder, tmp_path, capsys):
     for i in (1, 2):
         assert run(*engine, "--shard", f"{i}/2") == 0
     assert sorted(p.name for p in two.glob("v*.csv")) == ["v.shard-1-of-2.csv", "v.shard-2-of-2.csv"]
-    assert cohort.main(["finish", "--shards", "2", "--", *engine]) == 0
+    assert main(["cohort", "finish", "--shards", "2", "--", *engine]) == 0
     assert sorted(p.name for p in two.glob("v*.csv")) == ["v.csv"]
     assert md5(one / "v.csv") == md5(two / "v.csv")
     for seg in one.glob("*_synthseg.*"):
         assert md5(seg) == md5(two / seg.name)
     # merging again (shard files gone) keeps every row
-    assert cohort.main(["finish", "--shards", "2", "--", *engine]) == 0
+    assert main(["cohort", "finish", "--shards", "2", "--", *engine]) == 0
     assert md5(one / "v.csv") == md5(two / "v.csv")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from synthseg_native.batch import provenance as P
+from synthseg_native.cli import main
 
 
 @pytest.fixture
@@ -30,11 +31,11 @@ def run(tmp_path: Path, monkeypatch) -> dict:
 
 
 def check(args: list[str], *opts: str) -> int:
-    return P.main(["check", *opts, "--", *args])
+    return main(["provenance", "check", *opts, "--", *args])
 
 
 def write(args: list[str]) -> int:
-    return P.main(["write", "--", *args])
+    return main(["provenance", "write", "--", *args])
 
 
 def test_no_sidecar_means_run(run, capsys):
@@ -127,7 +128,7 @@ def test_only_single_image_runs_are_cached(run, capsys):
     args = ["--i", str(run["dir"]), "--o", str(run["dir"] / "out")]
     assert check(args) == P.EXIT_ERROR
     assert "one input image" in capsys.readouterr().err
-    assert P.main(["check"]) == P.EXIT_USAGE
+    assert main(["provenance", "check"]) == P.EXIT_USAGE
 
 
 def test_toolkit_digest_covers_every_module_of_the_package(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from synthseg_native.config import Options
 from synthseg_native.engine import predictor
 from synthseg_native.errors import UsageError
 
-BLOCK = Path(__file__).resolve().parents[1] / "tools" / "no_tensorflow"  # a sitecustomize hiding packages
+BLOCK = Path(__file__).resolve().parents[1] / "no_tensorflow"  # a sitecustomize hiding packages
 
 
 @pytest.fixture

@@ -173,20 +173,30 @@ def test_max_memory_needs_the_native_engine(tmp_path, capsys):
 
 
 def test_budget_decides_between_untiled_tiles_and_refusal():
+    from dataclasses import replace
+
+    from synthseg_native.config import Options
+    from synthseg_native.engine.spec import ModelSpec
+
     info = memory.ImageInfo((300, 300, 300), (1.0, 1.0, 1.0), np.dtype("f4"))
-    est = memory.estimate(info, None, False, False, False)
+    spec = ModelSpec.of(Options(backend="tf"))
+
+    def budget(nbytes: float) -> ModelSpec:
+        return replace(spec, max_memory=nbytes)
+
+    est = memory.estimate(info, spec)
     assert est.grid == (320, 320, 320)
-    assert memory.decide("x", info, None, False, False, False, max_memory=est.need + 1).tiling is None
-    d = memory.decide("x", info, None, False, False, False, max_memory=est.need - 1)
+    assert memory.decide("x", info, budget(est.need + 1)).tiling is None
+    d = memory.decide("x", info, budget(est.need - 1))
     assert d.tiling is not None and d.tiling.n_tiles > 1 and d.tiled_need <= est.need - 1
-    floor = memory.tiled_need(info, tiling.smallest(est.grid), False, False, False)
+    floor = memory.tiled_need(info, tiling.smallest(est.grid), spec)
     least = "x".join([str(tiling.MIN_TILE)] * 3)
     with pytest.raises(memory.MemoryShortage, match=rf"even in tiles of {least}\) but only .* \(--max-memory "):
-        memory.decide("x", info, None, False, False, False, max_memory=floor - 1)
-    for budget in (8e9, 10e9, 12e9):  # more room, fewer tiles
-        d = memory.decide("x", info, None, False, False, False, max_memory=budget)
-        assert d.tiled_need is not None and d.tiled_need <= budget
-    tiles = [memory.decide("x", info, None, False, False, False, max_memory=b).tiling.n_tiles for b in (8e9, 12e9)]
+        memory.decide("x", info, budget(floor - 1))
+    for room in (8e9, 10e9, 12e9):  # more room, fewer tiles
+        d = memory.decide("x", info, budget(room))
+        assert d.tiled_need is not None and d.tiled_need <= room
+    tiles = [memory.decide("x", info, budget(b)).tiling.n_tiles for b in (8e9, 12e9)]
     assert tiles[0] > tiles[1]
 
 
@@ -221,9 +231,10 @@ def _prepared(path, crop: int | None = None):
 def _predictor(models, **flags):
     from synthseg_native.config import Options
     from synthseg_native.engine import predictor
+    from synthseg_native.engine.spec import ModelSpec
 
-    opts = Options(i="x", o="y", models=str(models), **flags).normalised()
-    return predictor.load(opts, predictor.Timings())
+    return predictor.load(ModelSpec.of(Options(i="x", o="y", models=str(models), backend="tf", **flags)),
+                          predictor.Timings())
 
 
 @pytest.mark.parametrize("flags", [dict(parc=True, qc="qc.csv"), dict(fast=True, parc=True), dict(robust=True)],
@@ -235,8 +246,8 @@ def test_one_tile_is_bit_identical_to_the_untiled_path(weights, inputs, flags):
     decide on (blurred) differ."""
     models = weights.need("robust" if flags.get("robust") else "seg2", "parc", "qc")
     pred = _predictor(models, **flags)
-    if pred.qc_model is not None:  # compare what the QC network is given (224³, slow) instead of its scores
-        pred._qc = lambda channels: channels.copy()
+    if pred.qc is not None:  # compare what the QC network is given (224³, slow) instead of its scores
+        pred.backend.score = lambda net, groups: groups.copy()
     image = _prepared(inputs["ras"], crop=64).image
     whole = pred.predict(image)
     one = pred.predict_tiled(image, tiling.layout(image.shape[1:4], (1, 1, 1)))

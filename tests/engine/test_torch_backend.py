@@ -21,8 +21,10 @@ torch = pytest.importorskip("torch")
 
 from synthseg_native.cli import main  # noqa: E402
 from synthseg_native.config import Options  # noqa: E402
+from synthseg_native.engine import architecture as arch  # noqa: E402
 from synthseg_native.engine import memory  # noqa: E402
 from synthseg_native.engine.backends.torch import devices, network, stream  # noqa: E402
+from synthseg_native.engine.spec import ModelSpec  # noqa: E402
 from synthseg_native.engine.weights import MODEL_FILES, read_weights  # noqa: E402
 from synthseg_native.errors import UsageError, WeightsError  # noqa: E402
 
@@ -43,8 +45,9 @@ def torch_out(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("conv_size,slab,shape", [(3, 16, (64, 32, 32)), (3, 32, (96, 32, 64)), (5, 16, (64, 32, 32))])
 def test_stream_equals_whole_pass(conv_size, slab, shape):
     torch.manual_seed(0)
-    net = network.UNet("u", 2, 7, conv_size=conv_size, n_features=4, skip_n=2 if conv_size == 5 else 0).eval()
-    for bn in network.weighted_layers(net).values():
+    net = network.UNet(arch.UNet("u", 2, 7, conv_size=conv_size, n_features=4,
+                                 skip_n=2 if conv_size == 5 else 0)).eval()
+    for bn in net.modules():
         if isinstance(bn, network.BatchNorm):
             bn.gamma.uniform_(0.5, 1.5)
             bn.moving_variance.uniform_(0.5, 2.0)
@@ -85,24 +88,20 @@ def test_separable_blur_is_upstreams_3d_gaussian():
 
 # -- the networks against the TF backend's, from the same .h5 files --------------------------------------------------
 def tf_and_torch(key: str, folder) -> tuple[object, torch.nn.Module]:
+    """The same network in both frameworks, from one weights file, as each backend builds it."""
+    from synthseg_native.engine import architecture as arch
     from synthseg_native.engine import labels as L
     from synthseg_native.engine.backends.tf import network as tfn
-    from synthseg_native.engine.backends.tf.predictor import assign
+    from synthseg_native.engine.backends.tf.backend import assign
+    from synthseg_native.engine.weights import checked
 
-    n_labels = len(L.LabelSet.build(key == "seg1").labels)
+    net = arch.network(key, L.LabelSet.build(key == "seg1"))
     path = folder / MODEL_FILES[key]
-    arrays = read_weights(path)
-    if key == "robust":
-        pair = tfn.robust_model(n_labels, 5), network.Robust(n_labels, 5)
-    elif key == "parc":
-        pair = tfn.parc_model(69), network.UNet("unet_parc", 3, 69)
-    elif key == "qc":
-        pair = tfn.qc_model(9), network.QC(9)
-    else:
-        pair = tfn.unet_model(n_labels), network.UNet("unet", 1, n_labels)
-    assign(pair[0], arrays, path)
-    assert network.load_arrays(pair[1], arrays, path) == len(network.weighted_layers(pair[1]))
-    return pair[0], pair[1].eval()
+    arrays = checked(read_weights(path), arch.weight_shapes(net), path)
+    tf_model, torch_model = tfn.keras_model(net), network.module(net)
+    assign(tf_model, arrays)
+    assert network.load_arrays(torch_model, arrays) == len(arch.weight_shapes(net))
+    return tf_model, torch_model.eval()
 
 
 @pytest.mark.parametrize("key,channels,bound", [("seg2", 1, 2e-4), ("seg1", 1, 2e-4), ("parc", 3, 2e-4),
@@ -152,18 +151,24 @@ def test_robust_agrees_with_tensorflow_stage_by_stage(weights):
 
 
 def test_misshaped_or_missing_layer_is_named(weights, tmp_path):
-    from synthseg_native.engine.weights import write_weights
+    """One check for both backends (engine.weights.checked against the architecture), with the layer's name."""
+    from synthseg_native.engine import architecture as arch
+    from synthseg_native.engine.weights import checked, write_weights
 
     arrays = read_weights(weights.need("seg2") / MODEL_FILES["seg2"])
-    net = network.UNet("unet", 1, 33)
+    shapes = arch.weight_shapes(arch.UNet("unet", 1, 33))
     broken = dict(arrays)
     broken["unet_likelihood"] = {"kernel": np.zeros((1, 1, 1, 24, 5), np.float32), "bias": np.zeros(5, np.float32)}
     with pytest.raises(WeightsError, match="unet_likelihood.*kernel has shape"):
-        network.load_arrays(net, broken, "w.h5")
+        checked(broken, shapes, "w.h5")
     del broken["unet_likelihood"]
     write_weights(tmp_path / "w.h5", broken)
     with pytest.raises(WeightsError, match="layer 'unet_likelihood' is missing"):
-        network.load_arrays(net, read_weights(tmp_path / "w.h5"), tmp_path / "w.h5")
+        checked(read_weights(tmp_path / "w.h5"), shapes, tmp_path / "w.h5")
+    broken = {k: dict(v) for k, v in arrays.items()}
+    broken["unet_bn_down_0"]["moving_variance"] = np.full(24, np.nan, np.float32)
+    with pytest.raises(WeightsError, match="unet_bn_down_0.*moving_variance has NaN"):
+        checked(broken, shapes, "w.h5")
 
 
 # -- devices, options, memory ----------------------------------------------------------------------------------------
@@ -179,14 +184,14 @@ def test_device_choice_and_messages(monkeypatch):
 
 
 def test_start_on_cpu_reports_and_falls_back():
-    from synthseg_native.engine.backends.torch.predictor import start
+    from synthseg_native.engine.backends.torch.backend import start
 
-    runtime = start(Options(backend="torch", device="cpu", precision="fp16").normalised())
+    runtime = start(ModelSpec.of(Options(backend="torch", device="cpu", precision="fp16"))).runtime
     assert runtime.backend == "torch" and runtime.device_kind == "cpu" and runtime.precision == "fp32"
     assert runtime.device.startswith("CPU (") and "PyTorch" in runtime.device
     with pytest.raises(UsageError, match="--device cuda"):
         if not torch.cuda.is_available():
-            start(Options(backend="torch", device="cuda"))
+            start(ModelSpec.of(Options(backend="torch", device="cuda")))
         else:
             raise UsageError("--device cuda (a GPU is present: nothing to refuse)")
 
@@ -211,13 +216,14 @@ def test_gpu_budget_tiles_by_device_memory():
     from synthseg_native.io.images import ImageInfo
 
     info = ImageInfo(shape=(182, 218, 182), zooms=(1.0, 1.0, 1.0), dtype=np.dtype(np.float32))
-    roomy = memory.decide("x", info, None, False, False, False, device=(80e9, "free memory of cuda:0"))
+    spec = ModelSpec.of(Options(backend="torch"))
+    roomy = memory.decide("x", info, spec, device=(80e9, "free memory of cuda:0"))
     assert roomy.tiling is None and roomy.where == "free memory of cuda:0"
     assert roomy.estimate.need < 6e9  # the target of a full 1 mm head on a GPU
-    tight = memory.decide("x", info, None, False, False, False, device=(2.5e9, "free memory of cuda:0"))
+    tight = memory.decide("x", info, spec, device=(2.5e9, "free memory of cuda:0"))
     assert tight.tiling is not None and tight.tiled_need <= 2.5e9
     with pytest.raises(Exception, match="GPU memory"):
-        memory.decide("x", info, None, False, False, False, device=(0.5e9, "free memory of cuda:0"))
+        memory.decide("x", info, spec, device=(0.5e9, "free memory of cuda:0"))
 
 
 # -- whole runs: torch against tf on real MRI --------------------------------------------------------------------------
@@ -303,3 +309,21 @@ def test_torch_bf16_on_cpu_runs_and_stays_close(weights, inputs, tmp_path):
         runs[precision] = np.asanyarray(nib.load(str(d / "seg.nii.gz")).dataobj)
     differ = float((runs["fp32"] != runs["bf16"]).mean())
     assert 0.0 < differ < 0.05, differ  # reduced precision really ran (not fp32 again), and is still close
+
+
+def test_device_out_of_memory_is_a_memory_shortage():
+    """CUDA's, MPS's and the CPU allocator's out-of-memory become the engine's MemoryShortage, whose message says
+    what to do (--crop, --max-memory); any other error passes through as it is."""
+    from synthseg_native.engine.backends.torch.backend import start
+    from synthseg_native.errors import MemoryShortage
+
+    backend = start(ModelSpec.of(Options(backend="torch", device="cpu")))
+    for raised in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                   RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB)"),
+                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")):
+        with pytest.raises(MemoryShortage, match=r"^out of memory \(.+\); use --crop .* --max-memory"):
+            with backend.session():
+                raise raised
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with backend.session():
+            raise RuntimeError("shape mismatch")

@@ -7,15 +7,27 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from synthseg_native.engine import architecture as arch
 from synthseg_native.engine.backends.tf import network
-from synthseg_native.engine.backends.tf.predictor import assign
-from synthseg_native.engine.weights import find_weights, is_test_weights, locate, read_weights, write_weights
+from synthseg_native.engine.backends.tf.backend import assign
+from synthseg_native.engine.weights import checked, find_weights, is_test_weights, locate, read_weights, write_weights
 from synthseg_native.errors import WeightsError
+
+TINY = arch.UNet("unet", 1, 4, n_features=2, n_levels=2)
+SHAPES = arch.weight_shapes(TINY)
 
 
 def tiny_model() -> tf.keras.Model:
     inp = tf.keras.layers.Input(shape=[None, None, None, 1])
-    return tf.keras.Model(inp, network.unet(inp, "unet", 4, n_features=2, n_levels=2))
+    return tf.keras.Model(inp, network.unet(inp, TINY))
+
+
+def test_architecture_describes_the_keras_layers():
+    """The framework-free description (names and shapes) is what the TF backend builds."""
+    model = tiny_model()
+    built = {name: {w.name.split("/")[-1].split(":")[0]: tuple(w.shape) for w in layer.weights}
+             for name, layer in network.weighted_layers(model).items()}
+    assert built == SHAPES
 
 
 def arrays_of(model, rng) -> dict:
@@ -34,7 +46,7 @@ def test_round_trip_both_layouts(tmp_path, layout):
         assert ("model_weights" in f) is (layout == "model")
     loaded = read_weights(path)
     assert loaded.keys() == arrays.keys()
-    assert assign(model, loaded, path) == len(arrays)
+    assert assign(model, loaded) == len(arrays)
     for name, layer in network.weighted_layers(model).items():
         for w in layer.weights:
             kind = w.name.split("/")[-1].split(":")[0]
@@ -72,7 +84,7 @@ def test_missing_layer_is_named(tmp_path):
     del arrays["unet_conv_uparm_2_1"]
     write_weights(tmp_path / "w.h5", arrays)
     with pytest.raises(WeightsError, match="unet_conv_uparm_2_1.*missing"):
-        assign(model, read_weights(tmp_path / "w.h5"), tmp_path / "w.h5")
+        checked(read_weights(tmp_path / "w.h5"), SHAPES, tmp_path / "w.h5")
 
 
 def test_wrong_shape_is_named(tmp_path):
@@ -81,7 +93,7 @@ def test_wrong_shape_is_named(tmp_path):
     arrays["unet_likelihood"]["kernel"] = np.zeros((1, 1, 1, 2, 7), np.float32)
     write_weights(tmp_path / "w.h5", arrays)
     with pytest.raises(WeightsError, match=r"unet_likelihood.*\(1, 1, 1, 2, 7\).*\(1, 1, 1, 2, 4\)"):
-        assign(model, read_weights(tmp_path / "w.h5"), tmp_path / "w.h5")
+        checked(read_weights(tmp_path / "w.h5"), SHAPES, tmp_path / "w.h5")
 
 
 def test_corrupt_file(tmp_path):

@@ -533,7 +533,7 @@ def test_sigkill_while_writing_leaves_no_trusted_output(models, t1, tmp_path):
     assert not seg.exists() and stale_temps(seg) == [tmp] and lock_path(seg).exists()
     # the stage's cache does not trust it ...
     args = ["--i", str(src), "--o", str(seg), "--models", str(models), *QUICK]
-    check = subprocess.run([sys.executable, "-m", "synthseg_native.batch.provenance", "check", "--", *args],
+    check = subprocess.run([sys.executable, "-m", "synthseg_native", "provenance", "check", "--", *args],
                            capture_output=True, text=True, check=False,
                            env={**os.environ, "PYTHONPATH": str(ROOT / "synthseg_src")})
     assert check.returncode == 3, check.stderr
@@ -610,8 +610,11 @@ def test_available_memory_is_read_from_the_system(monkeypatch):
     monkeypatch.delenv(memory.ENV_OVERRIDE, raising=False)
     room, where = memory.available()
     assert room is not None and room > 1e8, where
-    est = memory.estimate(memory.ImageInfo((512, 512, 400), (0.5, 0.5, 0.5), np.dtype("f4")), None, False, False,
-                          False)
+    from synthseg_native.config import Options
+    from synthseg_native.engine.spec import ModelSpec
+
+    est = memory.estimate(memory.ImageInfo((512, 512, 400), (0.5, 0.5, 0.5), np.dtype("f4")),
+                          ModelSpec.of(Options(backend="tf")))
     assert est.grid == (256, 256, 224) and est.need > 5e9
 
 
@@ -631,17 +634,26 @@ def test_cgroup_limits_of_containers_and_batch_jobs_are_read(tmp_path, proc, fil
     assert memory.cgroup_room(tmp_path / "cgroup", tmp_path / "sys") == room
 
 
-def test_out_of_memory_in_the_network_suggests_crop(models, t1, tmp_path, capsys, monkeypatch):
-    from synthseg_native.engine.backends.tf.predictor import TFPredictor
+@pytest.mark.parametrize("oom", ["numpy", "tensorflow"])
+def test_out_of_memory_in_the_network_suggests_crop(models, t1, tmp_path, capsys, monkeypatch, oom):
+    """numpy's MemoryError and the framework's own out-of-memory (the backend turns TensorFlow's
+    ResourceExhaustedError into a MemoryShortage) give the same one line with the way out."""
+    import tensorflow as tf
 
-    def no_memory(self, image):
-        raise MemoryError("Unable to allocate 12.0 GiB for an array")
+    from synthseg_native.engine.backends.tf.backend import TFBackend
 
-    monkeypatch.setattr(TFPredictor, "predict", no_memory)
+    def no_memory(self, net, x):
+        if oom == "numpy":
+            raise MemoryError("Unable to allocate 12.0 GiB for an array")
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[1,24,224,256,192]")
+
+    monkeypatch.setattr(TFBackend, "run", no_memory)
     src, seg = save(t1, tmp_path / "t1.nii.gz"), tmp_path / "out" / "seg.nii.gz"
     assert main(["--i", str(src), "--o", str(seg), "--models", str(models), *QUICK]) == 1
     err = err_lines(capsys.readouterr().err)
-    assert err == [f"[ERR] {src}: out of memory (Unable to allocate 12.0 GiB for an array); use --crop "
-                   "(e.g. --crop 160) to segment a smaller centred patch, or --max-memory below what the machine "
-                   "has (e.g. --max-memory 8G) for smaller tiles"]
+    cause = ("Unable to allocate 12.0 GiB for an array" if oom == "numpy" else
+             "OOM when allocating tensor with shape[1,24,224,256,192]")
+    assert err == [f"[ERR] {src}: out of memory ({cause}); use --crop (e.g. --crop 160) to segment a smaller "
+                   "centred patch, or --max-memory below what the machine has (e.g. --max-memory 8G) for smaller "
+                   "tiles"]
     assert files_in(seg.parent) == []

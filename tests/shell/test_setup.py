@@ -17,7 +17,7 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from synthseg_native.tools import platforms
+from devtools import platforms
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "scripts" / "setup_tf_metal_env.sh"

@@ -13,26 +13,23 @@ this module decides *which* scans a batch segments and what it leaves behind bes
 
 The Snakemake workflow runs these before and after its shards::
 
-    python -m synthseg_native.batch.cohort count -- ENGINE_ARGS...              # checks the arguments, counts scans
-    python -m synthseg_native.batch.cohort finish --shards N -- ENGINE_ARGS...  # merges the tables, rebuilds the page
+    synthseg-native cohort count -- ENGINE_ARGS...              # checks the arguments, counts scans
+    synthseg-native cohort finish --shards N -- ENGINE_ARGS...  # merges the tables, rebuilds the page
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import os
-import sys
 import time
 from dataclasses import replace
 
 import numpy as np
 
 from ..config import Options
-from ..config.parser import parse
 from ..engine import labels as L
-from ..errors import ProvenanceError, UsageError, WeightsError
+from ..errors import ProvenanceError, WeightsError
 from ..io.atomic import StagedOutputs, write_text
 from ..log import SKIP
 from . import provenance as P
@@ -272,33 +269,3 @@ def finish(opts: Options, n: int) -> int:
     if opts.snapshot:
         logger.info(f"cohort page: {snapshots.write_index(opts.snapshot)}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``count`` checks the engine arguments and prints the scan count; ``finish`` merges after the shards."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--" not in argv:
-        print("usage: python -m synthseg_native.batch.cohort {count | finish --shards N} -- ENGINE_ARGS...",
-              file=sys.stderr)
-        return 2
-    cut = argv.index("--")
-    p = argparse.ArgumentParser(prog="python -m synthseg_native.batch.cohort")
-    p.add_argument("command", choices=["count", "finish"])
-    p.add_argument("--shards", type=int, default=1, help="how many shards the engine args were run with")
-    cmd = p.parse_args(argv[:cut])
-    try:
-        opts = parse(argv[cut + 1:]).normalised()
-        if cmd.shards < 1:
-            raise UsageError("--shards must be >= 1")
-        if cmd.command == "count":
-            opts.check()
-            print(len(make_plan(opts, shard=False).images))
-            return 0
-        return finish(opts, cmd.shards)
-    except UsageError as exc:
-        logger.error(str(exc))
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

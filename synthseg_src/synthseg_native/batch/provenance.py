@@ -6,26 +6,24 @@ finished run leaves ``<segmentation>.provenance.json`` beside its segmentation, 
 atomically. ``check`` compares it with what a run would use now; when anything differs it deletes
 the record *before* the new run starts, so a run that dies half-way is never mistaken for a
 finished one. The record is built from the engine's own argument list, parsed by the engine's own
-parser, so the shell stage only passes that list and never has to know what matters.
+parser, so the pipeline stage only builds that list and never has to know what matters.
 
 Batches with ``--resume`` keep one such record per scan (:mod:`.cohort`); a volume or QC table that
 several scans share is then listed in the record but not digested (each scan changes it), and the
 batch checks that the table still holds the scan's row instead.
 
-Usage (exit 0: outputs current, 3: a run is needed, 1: error, 2: usage)::
+From a shell (exit 0: outputs current, 3: a run is needed, 1: error, 2: usage)::
 
-    python -m synthseg_native.batch.provenance check [--force] -- --i IN --o SEG --vol CSV [engine flags]
-    python -m synthseg_native.batch.provenance write -- --i IN --o SEG --vol CSV [engine flags]
+    synthseg-native provenance check [--force] -- --i IN --o SEG --vol CSV [engine flags]
+    synthseg-native provenance write -- --i IN --o SEG --vol CSV [engine flags]
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Collection
 from dataclasses import asdict, replace
@@ -35,8 +33,8 @@ from typing import Any
 from ..config import Options
 from ..config.parser import parse
 from ..engine.predictor import resolve_backend
-from ..engine.weights import MODEL_FILES, file_sha256, find_weights
-from ..errors import ProvenanceError, UpstreamError, UsageError, WeightsError
+from ..engine.weights import file_sha256, model_files
+from ..errors import ProvenanceError, UpstreamError, WeightsError
 from ..io.atomic import image_extension, write_text
 from ..log import SKIP
 from ..reference.upstream import PREDICT_FILE, find_synthseg_home
@@ -77,14 +75,8 @@ def output_paths(args: Options, shared: Collection[str] = ()) -> list[str]:
 
 
 def weight_files(args: Options) -> list[Path]:
-    """The weight files this run reads: the segmentation model, then parcellation and QC models from
-    the same folder when present there (where the upstream engine takes them from)."""
-    main = find_weights(MODEL_FILES[args.segmentation_model], args.models)
-    files = [main]
-    for key in args.model_keys[1:]:
-        beside = main.parent / MODEL_FILES[key]
-        files.append(beside if beside.is_file() else find_weights(MODEL_FILES[key], args.models))
-    return files
+    """The weight files this run reads (the engine's rule: engine.weights.model_files)."""
+    return list(model_files(args.model_keys, args.models).values())
 
 
 def toolkit() -> dict[str, str]:
@@ -202,32 +194,3 @@ def write(args: Options, shared: Collection[str] = (), weights: dict[str, str] |
     side = sidecar_path(args)
     write_text(side, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return side
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--" not in argv:
-        print("usage: python -m synthseg_native.batch.provenance {check [--force] | write} -- ENGINE_ARGS...",
-              file=sys.stderr)
-        return EXIT_USAGE
-    cut = argv.index("--")
-    p = argparse.ArgumentParser(prog="python -m synthseg_native.batch.provenance")
-    p.add_argument("command", choices=["check", "write"])
-    p.add_argument("--force", action="store_true", help="treat the outputs as stale (FORCE=1)")
-    opts = p.parse_args(argv[:cut])
-    try:
-        args = parse_engine_args(argv[cut + 1:])
-        if opts.command == "check":
-            return check(args, force=opts.force)
-        logger.info(f"provenance written: {write(args)}")
-        return EXIT_CURRENT
-    except UsageError as exc:
-        logger.error(str(exc))
-        return EXIT_USAGE
-    except (ProvenanceError, WeightsError, OSError) as exc:
-        logger.error(str(exc))
-        return EXIT_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

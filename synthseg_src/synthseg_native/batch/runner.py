@@ -28,8 +28,10 @@ import numpy as np
 from ..config import Options
 from ..engine import memory, segment
 from ..engine import predictor as engine
+from ..engine.backend import Backend, out_of_memory
 from ..engine.preprocess import Prepared
 from ..engine.segment import NetworkOutput, memory_plan
+from ..engine.spec import ModelSpec
 from ..errors import Cancelled, InputError, LockedError, MemoryShortage, WeightsError
 from ..io import colours
 from ..io.atomic import StagedOutputs, check_writable, stale_temps
@@ -72,7 +74,8 @@ class BatchReport:
         return [s for s in self.scans if s.status == "failed"]
 
 
-def run(opts: Options, plan: Plan, predictor: engine.Predictor | None = None) -> BatchReport:
+def run(opts: Options, plan: Plan, predictor: engine.Predictor | None = None, backend: Backend | None = None
+        ) -> BatchReport:
     """Segment the images of ``plan`` (with --resume: those not current).
 
     A failing scan is reported ([ERR] line, :attr:`ScanReport.error`) and the others carry on. What stops the
@@ -91,8 +94,9 @@ def run(opts: Options, plan: Plan, predictor: engine.Predictor | None = None) ->
     if not todo:
         batch.close()
         return report
+    spec = ModelSpec.of(opts)
     try:
-        predictor = predictor or engine.load(opts, timings)
+        predictor = predictor or engine.load(spec, timings, backend)
     except WeightsError:
         batch.close()
         raise
@@ -116,7 +120,7 @@ def run(opts: Options, plan: Plan, predictor: engine.Predictor | None = None) ->
         for out in plan.shared_outputs():
             for tmp in stale_temps(out):
                 tmp.unlink(missing_ok=True)
-        steps = ScanSteps(opts, plan, report, batch, predictor, timings, vol_table, qc_table)
+        steps = ScanSteps(opts, spec, plan, report, batch, predictor, timings, vol_table, qc_table)
         flow: pipeline.Run[Job] = pipeline.Run(steps, overlap=not opts.no_overlap)
         steps.checkpoint = flow.checkpoint
         batch.start(len(todo))
@@ -155,13 +159,12 @@ def _profile_summary(timings: engine.Timings) -> None:
 
 
 def describe(exc: BaseException, path: str) -> str:
-    """The [ERR] text for a failed image: the input, then the cause (and the way out of a memory shortage)."""
+    """The [ERR] text for a failed image: the input, then the cause (and the way out of a memory shortage: the
+    backends turn their frameworks' out-of-memory into :class:`MemoryShortage`, numpy's is turned here)."""
+    if isinstance(exc, MemoryError):
+        exc = out_of_memory(str(exc) or "MemoryError")
     known = isinstance(exc, (InputError, OSError, ValueError, LockedError, MemoryShortage))
     detail = str(exc) if known else f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":
-        cause = (str(exc).splitlines() or [type(exc).__name__])[0]
-        detail = (f"out of memory ({cause}); use --crop (e.g. --crop 160) to segment a smaller centred patch, "
-                  "or --max-memory below what the machine has (e.g. --max-memory 8G) for smaller tiles")
     return detail if detail.startswith(path) else f"{path}: {detail}"
 
 
@@ -202,9 +205,11 @@ class ScanSteps:
     reaches its final names unless all of it was written; the bookkeeping of a finished or failed scan (log line,
     tables, provenance, snapshot, progress, report) happens in :meth:`finish` and :meth:`failed`, in order."""
 
-    def __init__(self, opts: Options, plan: Plan, report: BatchReport, batch: Batch, predictor: engine.Predictor,
-                 timings: engine.Timings, vol_table: V.CsvTable | None, qc_table: V.CsvTable | None):
-        self.opts, self.plan, self.report, self.batch, self.predictor = opts, plan, report, batch, predictor
+    def __init__(self, opts: Options, spec: ModelSpec, plan: Plan, report: BatchReport, batch: Batch,
+                 predictor: engine.Predictor, timings: engine.Timings, vol_table: V.CsvTable | None,
+                 qc_table: V.CsvTable | None):
+        self.opts, self.spec, self.plan, self.report, self.batch = opts, spec, plan, report, batch
+        self.predictor = predictor
         self.timings, self.vol_table, self.qc_table = timings, vol_table, qc_table
         self.current = 0                              # the scan whose network runs (or ran last)
         self.previous: Job | None = None              # the scan before it, maybe still being finished
@@ -228,12 +233,12 @@ class ScanSteps:
             for tmp in stale_temps(out):  # left by a killed run; safe to remove under the lock
                 tmp.unlink(missing_ok=True)
         self.checkpoint()
-        opts, path = self.opts, self.plan.images[job.k]
+        path = self.plan.images[job.k]
         info = peek_image(path)
-        job.decision = memory_plan(path, info, opts, self.predictor)
-        job.beside = memory.beside_bytes(info, opts.crop, opts.fast, opts.robust, opts.parc, bool(opts.qc))
+        job.decision = memory_plan(path, info, self.spec, self.predictor)
+        job.beside = memory.beside_bytes(info, self.spec)
         job.img = load_image(path)
-        job.prep = segment.prepare(opts, job.img, path, job.timings)
+        job.prep = segment.prepare(self.spec, job.img, path, job.timings)
         target = self.plan.resample[job.k]
         if target is not None:
             if job.prep.resampled is not None:
@@ -253,7 +258,7 @@ class ScanSteps:
 
     def network(self, job: Job) -> None:
         assert job.prep is not None and job.decision is not None
-        job.net = segment.run_network(self.predictor, self.opts, job.prep, self.plan.images[job.k], job.decision,
+        job.net = segment.run_network(self.predictor, self.spec, job.prep, self.plan.images[job.k], job.decision,
                                       job.timings)
         job.prep.image = np.empty((0,), dtype=np.float32)  # the network input is spent: free it before the finish
         self.previous = job
@@ -287,7 +292,7 @@ class ScanSteps:
         opts, plan, k, stage = self.opts, self.plan, job.k, job.stage
         path = plan.images[k]
         assert job.img is not None and job.prep is not None and job.net is not None
-        result = segment.finish(self.predictor, opts, job.img, job.prep, job.net, job.timings,
+        result = segment.finish(self.predictor, self.spec, job.img, job.prep, job.net, job.timings,
                                 posteriors=plan.post[k] is not None)
         job.net = None
         self.checkpoint()

@@ -2,7 +2,7 @@
 
 ``--shard i/N`` keeps every N-th scan, starting with the i-th (1-based, like ``split -n l/i/N``), of the
 full, sorted list. Tables that all scans share (``--vol``/``--qc`` for a folder or BIDS input) get one
-file per shard, ``<name>.shard-i-of-N.csv``, which ``python -m synthseg_native.batch.cohort finish``
+file per shard, ``<name>.shard-i-of-N.csv``, which ``synthseg-native cohort finish``
 merges. :func:`make_plan` is where a run's options become its list of files.
 """
 
@@ -65,7 +65,7 @@ def shard_plan(plan: Plan, i: int, n: int) -> Plan:
         qc = [p and shard_csv(p, i, n) for p in qc]
         if any(vol) or any(qc):
             notes.append(f"shard tables: {', '.join(sorted({p for p in vol[:1] + qc[:1] if p}))} "
-                         "(python -m synthseg_native.batch.cohort finish merges them)")
+                         "(synthseg-native cohort finish merges them)")
     return replace(plan, images=pick(plan.images), seg=pick(plan.seg), post=pick(plan.post),
                    resample=pick(plan.resample), vol=vol, qc=qc, names=pick(plan.names), notes=notes,
                    shard=(i, n))

@@ -10,8 +10,8 @@ The slices are cut from the segmentation's grid (turned to RAS, an exact axis pe
 input is sampled at those voxels' world positions, so the overlay is right for any orientation or
 resolution, with or without ``--keepgeom``. Nothing here touches the segmentation's values.
 
-    python -m synthseg_native.batch.snapshots index DIR             # rebuild DIR/index.html
-    python -m synthseg_native.batch.snapshots render IMAGE SEG PNG  # one picture
+    synthseg-native snapshots index DIR             # rebuild DIR/index.html
+    synthseg-native snapshots render IMAGE SEG PNG  # one picture
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -294,19 +293,3 @@ def write_index(directory: str | os.PathLike) -> Path:
     path = Path(directory) / "index.html"
     write_text(path, index_html(load_records(directory)))
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 2 and argv[0] == "index":
-        print(write_index(argv[1]))
-        return 0
-    if len(argv) == 4 and argv[0] == "render":
-        print(render(argv[1], argv[2], argv[3], title=Path(argv[2]).name))
-        return 0
-    print(__doc__.split("\n\n")[-1].rstrip(), file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

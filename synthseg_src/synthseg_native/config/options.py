@@ -123,7 +123,7 @@ class Options:
                         action="store_true")
     shard: str | None = _opt(None, "Segment only part i of N (1 <= i <= N) of the sorted scan list; N workers with "
                              "the same arguments split it exactly. Shared CSVs become <name>.shard-i-of-N.csv "
-                             "(python -m synthseg_native.batch.cohort finish merges them).", IO, group=BATCH,
+                             "(synthseg-native cohort finish merges them).", IO, group=BATCH,
                              metavar="i/N")
     snapshot: str | None = _opt(None, "QC snapshot per scan (DIR/<name>.png: three slices, labels in FreeSurfer "
                                 "colours) and a cohort page DIR/index.html (thumbnail, key volumes, QC scores, run "

@@ -32,6 +32,7 @@ from ..errors import MemoryShortage
 from ..io.images import ImageInfo
 from . import machine
 from . import tiling as tiling_
+from .spec import ModelSpec
 
 ENV_OVERRIDE = "SYNTHSEG_MEMORY_GB"
 ENV_TILES = "SYNTHSEG_TILES"  # e.g. 2x2x2: tiles per axis regardless of the budget (measurements, docs/performance.md)
@@ -86,7 +87,7 @@ class Decision:
     forced: bool = False             # the tiles come from $SYNTHSEG_TILES, not from the budget
 
 
-def network_grid(info: ImageInfo, crop: list[int] | None) -> tuple[int, int, int]:
+def network_grid(info: ImageInfo, crop: tuple[int, ...] | list[int] | None) -> tuple[int, int, int]:
     """The padded grid preprocessing will produce, from header values (as preprocess.py computes it)."""
     dims = [(s, z) for s, z in zip(info.shape, info.zooms) if s > 1][:3]
     while len(dims) < 3:
@@ -99,47 +100,41 @@ def network_grid(info: ImageInfo, crop: list[int] | None) -> tuple[int, int, int
     return tuple(max(round_up(s, step), round_up(f, step)) for s, f in zip(shape, floor))  # type: ignore
 
 
-def estimate(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool,
-             qc: bool = False, gpu: bool = False) -> Estimate:
+def estimate(info: ImageInfo, spec: ModelSpec, gpu: bool = False) -> Estimate:
     """Peak bytes of an untiled run: of the process (CPU), or on the device (``gpu``)."""
-    grid = network_grid(info, crop)
+    grid = network_grid(info, spec.crop)
     voxels = float(grid[0] * grid[1] * grid[2])
-    mode = _mode(fast, robust)
+    mode = _mode(spec)
     if gpu:
-        per_voxel = DEVICE_PER_VOXEL[mode] + (DEVICE_PER_VOXEL_PARC if parc else 0.0)
-        return Estimate(grid, DEVICE_BASE_BYTES + per_voxel * voxels + (DEVICE_QC_BYTES if qc else 0.0))
-    per_voxel = PER_VOXEL[mode] + (PER_VOXEL_PARC if parc else 0.0)
-    need = (BASE_BYTES + per_voxel * voxels + (QC_BYTES if qc else 0.0)
+        per_voxel = DEVICE_PER_VOXEL[mode] + (DEVICE_PER_VOXEL_PARC if spec.parc else 0.0)
+        return Estimate(grid, DEVICE_BASE_BYTES + per_voxel * voxels + (DEVICE_QC_BYTES if spec.qc else 0.0))
+    per_voxel = PER_VOXEL[mode] + (PER_VOXEL_PARC if spec.parc else 0.0)
+    need = (BASE_BYTES + per_voxel * voxels + (QC_BYTES if spec.qc else 0.0)
             + _input_bytes(info))
     return Estimate(grid, need)
 
 
-def tiled_need(info: ImageInfo, tiling: tiling_.Tiling, fast: bool, robust: bool, parc: bool,
-               qc: bool = False, gpu: bool = False) -> float:
+def tiled_need(info: ImageInfo, tiling: tiling_.Tiling, spec: ModelSpec, gpu: bool = False) -> float:
     """Peak bytes of a run in ``tiling``'s tiles: one tile's network pass plus what the whole grid holds (on a
     GPU only the tile's pass: the stitched results live in host memory)."""
-    mode = _mode(fast, robust)
+    mode = _mode(spec)
     tile, grid = float(math.prod(tiling.tile_shape)), float(math.prod(tiling.grid))
     if gpu:
-        per_voxel = DEVICE_PER_VOXEL[mode] + (DEVICE_PER_VOXEL_PARC if parc else 0.0)
-        return DEVICE_BASE_BYTES + per_voxel * tile + (DEVICE_QC_BYTES if qc else 0.0)
-    per_tile = PER_VOXEL[mode] + (PER_VOXEL_PARC if parc else 0.0)
-    per_grid = _per_grid_voxel(mode, parc, qc)
-    return (BASE_BYTES + per_tile * tile + per_grid * grid + (QC_BYTES if qc else 0.0)
+        per_voxel = DEVICE_PER_VOXEL[mode] + (DEVICE_PER_VOXEL_PARC if spec.parc else 0.0)
+        return DEVICE_BASE_BYTES + per_voxel * tile + (DEVICE_QC_BYTES if spec.qc else 0.0)
+    per_tile = PER_VOXEL[mode] + (PER_VOXEL_PARC if spec.parc else 0.0)
+    return (BASE_BYTES + per_tile * tile + _per_grid_voxel(spec) * grid + (QC_BYTES if spec.qc else 0.0)
             + _input_bytes(info))
 
 
-def beside_bytes(info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool,
-                 qc: bool = False) -> float:
+def beside_bytes(info: ImageInfo, spec: ModelSpec) -> float:
     """Host bytes a scan holds while *another* scan's network runs (a batch overlaps them, ``batch.pipeline``):
     read and prepared before its own network (the input copies), or after it, post-processed and written (what
     stays proportional to its whole grid: the tiled figures' per-grid share, FULL_PER_VOXEL). The larger of the
     two, since a scan is in one role at a time."""
-    grid = float(math.prod(network_grid(info, crop)))
-    mode = _mode(fast, robust)
-    per_grid = _per_grid_voxel(mode, parc, qc)
+    grid = float(math.prod(network_grid(info, spec.crop)))
     before = _input_bytes(info) + 4.0 * grid
-    return max(before, per_grid * grid)
+    return max(before, _per_grid_voxel(spec) * grid)
 
 
 def _input_bytes(info: ImageInfo) -> float:
@@ -147,9 +142,10 @@ def _input_bytes(info: ImageInfo) -> float:
     return INPUT_COPIES * 8.0 * math.prod(info.shape)
 
 
-def _per_grid_voxel(mode: str, parc: bool, qc: bool) -> float:
+def _per_grid_voxel(spec: ModelSpec) -> float:
     """Bytes per voxel of the whole padded grid that stay after the network (stitched posteriors, post-processing)."""
-    return FULL_PER_VOXEL[mode] + (FULL_PER_VOXEL_PARC if parc else 0.0) + (FULL_PER_VOXEL_QC if qc else 0.0)
+    return (FULL_PER_VOXEL[_mode(spec)] + (FULL_PER_VOXEL_PARC if spec.parc else 0.0)
+            + (FULL_PER_VOXEL_QC if spec.qc else 0.0))
 
 
 def _forced_tiles(text: str, grid: tuple[int, int, int]) -> tiling_.Tiling:
@@ -166,8 +162,8 @@ def _forced_tiles(text: str, grid: tuple[int, int, int]) -> tiling_.Tiling:
     return tiles
 
 
-def _mode(fast: bool, robust: bool) -> str:
-    return "robust" if robust else ("fast" if fast else "default")
+def _mode(spec: ModelSpec) -> str:
+    return "robust" if spec.robust else ("fast" if spec.fast else "default")
 
 
 def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
@@ -233,40 +229,38 @@ def budget(max_memory: float | None) -> tuple[float | None, str]:
     return available()
 
 
-def decide(path: str, info: ImageInfo, crop: list[int] | None, fast: bool, robust: bool, parc: bool,
-           qc: bool = False, max_memory: float | None = None,
-           device: tuple[float | None, str] | None = None) -> Decision:
-    """Untiled when the estimate fits the budget, else the fewest tiles that fit; :class:`MemoryShortage`
-    when even the smallest tiles do not.
+def decide(path: str, info: ImageInfo, spec: ModelSpec, device: tuple[float | None, str] | None = None) -> Decision:
+    """Untiled when the estimate fits the budget (``spec.max_memory``, else the memory available), else the fewest
+    tiles that fit; :class:`MemoryShortage` when even the smallest tiles do not.
 
     ``device``: a GPU's free memory and its name; the budget is then that memory (or ``--max-memory``) and
     the estimate the device's share of the run.
     """
     gpu = device is not None
-    if gpu and max_memory is None:
+    if gpu and spec.max_memory is None:
         assert device is not None
         room, where = device
     else:
-        room, where = budget(max_memory)
-    est = estimate(info, crop, fast, robust, parc, qc, gpu)
+        room, where = budget(spec.max_memory)
+    est = estimate(info, spec, gpu)
     forced = os.environ.get(ENV_TILES)
     if forced:
         tiles = _forced_tiles(forced, est.grid)
-        return Decision(est, room, where, tiles, tiled_need(info, tiles, fast, robust, parc, qc, gpu), forced=True)
+        return Decision(est, room, where, tiles, tiled_need(info, tiles, spec, gpu), forced=True)
     if room is None or est.need <= room:
         return Decision(est, room, where)
-    tiled = tiling_.choose(est.grid, lambda t: tiled_need(info, t, fast, robust, parc, qc, gpu), room)
+    tiled = tiling_.choose(est.grid, lambda t: tiled_need(info, t, spec, gpu), room)
     if tiled is not None:
-        return Decision(est, room, where, tiled, tiled_need(info, tiled, fast, robust, parc, qc, gpu))
+        return Decision(est, room, where, tiled, tiled_need(info, tiled, spec, gpu))
     grid = "x".join(map(str, est.grid))
     tiles = ""
     if len(tiling_.candidates(est.grid)) > 1:
         least = tiling_.smallest(est.grid)
-        tiles = (f"; about {format_size(tiled_need(info, least, fast, robust, parc, qc, gpu))} even in tiles of "
+        tiles = (f"; about {format_size(tiled_need(info, least, spec, gpu))} even in tiles of "
                  f"{'x'.join(map(str, least.tile_shape))}")
-    hint = "use --crop (e.g. --crop 160) to segment a centred patch" if crop is None else "use a smaller --crop"
-    override = "raise --max-memory" if max_memory is not None else f"set {ENV_OVERRIDE} to override this estimate " \
-        "(0 turns the check off)"
+    hint = "use --crop (e.g. --crop 160) to segment a centred patch" if spec.crop is None else "use a smaller --crop"
+    override = "raise --max-memory" if spec.max_memory is not None else f"set {ENV_OVERRIDE} to override this " \
+        "estimate (0 turns the check off)"
     raise MemoryShortage(
         f"{path}: needs about {format_size(est.need)} of {'GPU ' if gpu else ''}memory (network grid {grid} at 1 mm"
         f"{tiles}) but only "

@@ -9,19 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import label as connected_components
 
 from . import geometry
-
-
-@dataclass
-class Result:
-    segmentation: np.ndarray   # int32, input orientation
-    posteriors: np.ndarray     # float32/float64, input orientation
-    volumes: np.ndarray        # CSV order (2.0: total intracranial first)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -175,8 +167,10 @@ def _argmax_labels(post: np.ndarray, labels: np.ndarray, threads: int) -> np.nda
 def postprocess(post_seg: np.ndarray, post_parc: np.ndarray | None, shape: list[int], pad_idx: np.ndarray,
                 crop_idx: np.ndarray | None, labels: np.ndarray, labels_parc: np.ndarray | None,
                 affine: np.ndarray, resolution: np.ndarray, fast: bool, topology: np.ndarray | None,
-                v1: bool, threads: int = 1) -> Result:
-    """``threads``: numpy threads for the per-voxel steps (the results do not depend on it)."""
+                v1: bool, threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The segmentation (int32), posteriors (float32, float64 once a crop is pasted back) and volumes (the CSV's
+    order: 2.0's total intracranial first), in the input's orientation. ``threads``: numpy threads for the
+    per-voxel steps (the results do not depend on it)."""
     post = _clean_segmentation(np.squeeze(post_seg), pad_idx, fast, topology, threads)
     seg_patch = _argmax_labels(post, labels.astype("int32"), threads)
 
@@ -214,4 +208,4 @@ def postprocess(post_seg: np.ndarray, post_parc: np.ndarray | None, shape: list[
         volumes_parc = volumes_parc / np.sum(volumes_parc) * total_cortex
         volumes = np.concatenate([volumes, volumes_parc])
     volumes = np.around(volumes * np.prod(resolution), 3)
-    return Result(seg, posteriors, volumes)
+    return seg, posteriors, volumes

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import Options, format_size
+from ..config import format_size
 from ..io.images import ImageInfo, LoadedImage
 from . import geometry, memory, tiling
 from . import labels as L
 from .postprocess import postprocess
 from .predictor import Predictor, Timings
 from .preprocess import Prepared, preprocess
+from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,12 @@ class Segmentation:
     prepared: Prepared               # the network input and the 1 mm image (``prepared.resampled``)
 
 
-def memory_plan(name: str, info: ImageInfo, opts: Options, predictor: Predictor | None = None) -> memory.Decision:
+def memory_plan(name: str, info: ImageInfo, spec: ModelSpec, predictor: Predictor | None = None
+                ) -> memory.Decision:
     """Whole or tiled, from the header alone (before the voxels are read); :class:`MemoryShortage` if neither fits.
 
     On a GPU (``predictor.device_memory()``) the budget is the device's free memory."""
-    device = None if predictor is None else predictor.device_memory()
-    return memory.decide(name, info, opts.crop, opts.fast, opts.robust, opts.parc, bool(opts.qc),
-                         opts.max_memory_bytes, device)
+    return memory.decide(name, info, spec, None if predictor is None else predictor.device_memory())
 
 
 @dataclass
@@ -56,30 +56,31 @@ class NetworkOutput:
     qc_scores: np.ndarray | None     # the QC network's raw output (--qc)
 
 
-def segment_image(predictor: Predictor, opts: Options, img: LoadedImage, name: str, decision: memory.Decision,
+def segment_image(predictor: Predictor, spec: ModelSpec, img: LoadedImage, name: str, decision: memory.Decision,
                   timings: Timings, posteriors: bool = False,
                   prepared: Callable[[Prepared], None] | None = None) -> Segmentation:
-    """Segment ``img`` (called ``name`` in messages) as ``opts`` asks; ``prepared`` sees the network input first
+    """Segment ``img`` (called ``name`` in messages) as ``spec`` asks; ``prepared`` sees the network input first
     (the batch writes the resampled image from it while the network runs).
 
     The three steps are also callable one by one (:func:`prepare`, :func:`run_network`, :func:`finish`): a batch
     runs them for different scans at the same time (``batch.pipeline``)."""
-    prep = prepare(opts, img, name, timings)
+    prep = prepare(spec, img, name, timings)
     if prepared is not None:
         prepared(prep)
-    net = run_network(predictor, opts, prep, name, decision, timings)
-    return finish(predictor, opts, img, prep, net, timings, posteriors=posteriors)
+    net = run_network(predictor, spec, prep, name, decision, timings)
+    return finish(predictor, spec, img, prep, net, timings, posteriors=posteriors)
 
 
-def prepare(opts: Options, img: LoadedImage, name: str, timings: Timings) -> Prepared:
+def prepare(spec: ModelSpec, img: LoadedImage, name: str, timings: Timings) -> Prepared:
     """Step 1: the network input (1 mm, normalised, padded or cropped), as upstream prepares it."""
     t0 = time.perf_counter()
-    prep = preprocess(img, name, crop=opts.crop, ct=opts.ct, min_pad=opts.crop)
+    crop = None if spec.crop is None else list(spec.crop)
+    prep = preprocess(img, name, crop=crop, ct=spec.ct, min_pad=crop)
     timings.add("preprocess", time.perf_counter() - t0)
     return prep
 
 
-def run_network(predictor: Predictor, opts: Options, prep: Prepared, name: str, decision: memory.Decision,
+def run_network(predictor: Predictor, spec: ModelSpec, prep: Prepared, name: str, decision: memory.Decision,
                 timings: Timings) -> NetworkOutput:
     """Step 2: the networks on ``prep`` (whole, or in the tiles ``decision`` chose)."""
     t1 = time.perf_counter()
@@ -96,7 +97,7 @@ def run_network(predictor: Predictor, opts: Options, prep: Prepared, name: str, 
         post_seg, post_parc, qc_scores = predictor.predict(prep.image)
     t2 = time.perf_counter()
     timings.add("network", t2 - t1)
-    if opts.profile:  # tracing the FLOP count is not network time: it happens after the stage's clock stopped
+    if spec.profile:  # counting the FLOP count is not network time: it happens after the stage's clock stopped
         if tiles is None:
             timings.network_flop += predictor.network_flop(prep.image.shape[1:])
         else:
@@ -105,23 +106,23 @@ def run_network(predictor: Predictor, opts: Options, prep: Prepared, name: str, 
     return NetworkOutput(post_seg, post_parc, qc_scores)
 
 
-def finish(predictor: Predictor, opts: Options, img: LoadedImage, prep: Prepared, net: NetworkOutput,
+def finish(predictor: Predictor, spec: ModelSpec, img: LoadedImage, prep: Prepared, net: NetworkOutput,
            timings: Timings, posteriors: bool = False) -> Segmentation:
     """Step 3: post-processing (upstream's), volumes, and the output grid (``--keepgeom``: the input's)."""
     t2 = time.perf_counter()
     label_set = predictor.labels
     labels_parc = L.parcellation_labels() if net.post_parc is not None else None
-    result = postprocess(net.post_seg, net.post_parc, prep.shape, prep.pad_idx, prep.crop_idx, label_set.labels,
-                         labels_parc, prep.affine, prep.resolution, opts.fast or opts.robust,
-                         label_set.topology, opts.v1, threads=opts.threads or os.cpu_count() or 1)
-    seg, post, affine = result.segmentation, result.posteriors, prep.affine
-    if opts.keepgeom and prep.resampled is not None:
+    seg, post, volumes = postprocess(net.post_seg, net.post_parc, prep.shape, prep.pad_idx, prep.crop_idx,
+                                     label_set.labels, labels_parc, prep.affine, prep.resolution, spec.fast,
+                                     label_set.topology, spec.v1, threads=spec.threads or os.cpu_count() or 1)
+    affine = prep.affine
+    if spec.keepgeom and prep.resampled is not None:
         seg = geometry.resample_like(seg, affine, img.data.shape, img.affine, order=0)
         if posteriors:
             post = geometry.resample_like(post, affine, img.data.shape, img.affine, order=1)
         affine = img.affine
     timings.add("postprocess", time.perf_counter() - t2)
-    return Segmentation(seg, post if posteriors else None, affine, prep.header, result.volumes, net.qc_scores, prep)
+    return Segmentation(seg, post if posteriors else None, affine, prep.header, volumes, net.qc_scores, prep)
 
 
 def tiling_note(name: str, decision: memory.Decision, tiles: tiling.Tiling) -> str:

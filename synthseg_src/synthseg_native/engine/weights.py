@@ -74,6 +74,41 @@ def find_weights(filename: str, models_dir: str | None = None) -> Path:
     return locate(filename, models_dir)[0]
 
 
+def model_files(keys: list[str] | tuple[str, ...], models_dir: str | None = None) -> dict[str, Path]:
+    """The weight file of each network of a run (keys of ``MODEL_FILES``, the segmentation model first): the others
+    beside the segmentation model when they are there (where upstream's engine takes them from), else found along
+    the search order."""
+    first = find_weights(MODEL_FILES[keys[0]], models_dir)
+    files = {keys[0]: first}
+    for key in keys[1:]:
+        beside = first.parent / MODEL_FILES[key]
+        files[key] = beside if beside.is_file() else find_weights(MODEL_FILES[key], models_dir)
+    return files
+
+
+def checked(arrays: dict[str, dict[str, np.ndarray]], shapes: dict[str, dict[str, tuple[int, ...]]],
+            path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """The arrays of every layer in ``shapes`` (``architecture.weight_shapes``), as float32, checked: a layer or an
+    array missing, of another shape, or not finite raises :class:`WeightsError` naming it (where Keras'
+    ``load_weights(by_name=True)`` would skip it silently). Extra layers in the file are ignored."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, kinds in shapes.items():
+        if name not in arrays:
+            raise WeightsError(f"{path}: layer '{name}' is missing from the weights file")
+        out[name] = {}
+        for kind, shape in kinds.items():
+            if kind not in arrays[name]:
+                raise WeightsError(f"{path}: layer '{name}' has no '{kind}' weights")
+            value = np.asarray(arrays[name][kind], dtype=np.float32)
+            if tuple(value.shape) != tuple(shape):
+                raise WeightsError(f"{path}: layer '{name}' {kind} has shape {tuple(value.shape)}, the network "
+                                   f"expects {tuple(shape)}")
+            if not np.all(np.isfinite(value)):  # damaged bytes inside a dataset read back as NaN/Inf
+                raise WeightsError(f"{path}: layer '{name}' {kind} has NaN or infinite values (corrupt file?)")
+            out[name][kind] = value
+    return out
+
+
 def _names(attr) -> list[str]:
     return [n.decode("utf8") if isinstance(n, bytes) else str(n) for n in attr]
 

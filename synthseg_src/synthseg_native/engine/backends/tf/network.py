@@ -13,46 +13,49 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from ....config import N_LEVELS
-from .flops import per_voxel_flop
+from ... import architecture as arch
+from ...architecture import N_LEVELS
 from .tensors import aligned_empty, as_tensor, copy_into
 
 KL = tf.keras.layers
 
 
-def unet(inputs: tf.Tensor, prefix: str, n_labels: int, conv_size: int = 3, n_features: int = 24,
-         n_levels: int = N_LEVELS, skip_n: int = 0, activation: str = "elu") -> tf.Tensor:
+def _conv(conv: arch.Conv, data_format: bool = True) -> KL.Conv3D:
+    """A Keras Conv3D as upstream configures it (``data_format`` and ``dilation_rate`` spelled out where it does)."""
+    extra = {"data_format": "channels_last", "dilation_rate": 1} if data_format else {}
+    return KL.Conv3D(conv.c_out, conv.kernel, padding="same", activation=conv.activation, name=conv.name, **extra)
+
+
+def unet(inputs: tf.Tensor, net: arch.UNet) -> tf.Tensor:
     """Encoder/decoder with BatchNorm at the end of each level and softmax output ``{prefix}_prediction``.
 
     Skip connections take the last convolution of each encoder level *before* its BatchNorm;
-    ``skip_n`` removes them at the deepest levels (the robust model's "l2l" network).
+    ``skip_n`` removes them at the finest decoder levels (the robust model's "l2l" network).
     """
     x = inputs
     skips: list[tf.Tensor] = []
-    for level in range(n_levels):
-        feats = int(np.round(n_features * 2 ** level))
-        for conv in range(2):
-            x = KL.Conv3D(feats, conv_size, padding="same", activation=activation,
-                          data_format="channels_last", dilation_rate=1,
-                          name=f"{prefix}_conv_downarm_{level}_{conv}")(x)
+    for level in range(net.n_levels):
+        for conv in net.down(level):
+            x = _conv(conv)(x)
         skips.append(x)
-        x = KL.BatchNormalization(axis=-1, name=f"{prefix}_bn_down_{level}")(x)
-        if level < n_levels - 1:
-            x = KL.MaxPooling3D(pool_size=(2, 2, 2), padding="same", name=f"{prefix}_maxpool_{level}")(x)
-    for level in range(n_levels - 1):
-        feats = int(np.round(n_features * 2 ** (n_levels - 2 - level)))
-        x = KL.UpSampling3D(size=(2, 2, 2), name=f"{prefix}_up_{n_levels + level}")(x)
-        if level < n_levels - skip_n - 1:
-            x = KL.concatenate([skips[n_levels - 2 - level], x], axis=4, name=f"{prefix}_merge_{n_levels + level}")
-        for conv in range(2):
-            x = KL.Conv3D(feats, conv_size, padding="same", activation=activation, dilation_rate=1,
-                          name=f"{prefix}_conv_uparm_{n_levels + level}_{conv}")(x)
-        x = KL.BatchNormalization(axis=-1, name=f"{prefix}_bn_up_{level}")(x)
-    x = KL.Conv3D(n_labels, 1, activation=None, name=f"{prefix}_likelihood")(x)
+        x = KL.BatchNormalization(axis=-1, name=net.bn_down(level).name)(x)
+        if level < net.n_levels - 1:
+            x = KL.MaxPooling3D(pool_size=(2, 2, 2), padding="same", name=f"{net.prefix}_maxpool_{level}")(x)
+    for res in range(net.n_levels - 2, -1, -1):
+        u = net.n_levels + net.keras_level(res)
+        x = KL.UpSampling3D(size=(2, 2, 2), name=f"{net.prefix}_up_{u}")(x)
+        if net.merges(res):
+            x = KL.concatenate([skips[res], x], axis=4, name=f"{net.prefix}_merge_{u}")
+        for conv in net.up(res):
+            x = KL.Conv3D(conv.c_out, conv.kernel, padding="same", activation=conv.activation, dilation_rate=1,
+                          name=conv.name)(x)
+        x = KL.BatchNormalization(axis=-1, name=net.bn_up(res).name)(x)
+    likelihood = net.likelihood()
+    x = KL.Conv3D(likelihood.c_out, likelihood.kernel, activation=None, name=likelihood.name)(x)
     # Under a reduced-precision policy (--precision) the softmax still runs, and returns, in float32.
     mixed = tf.keras.mixed_precision.global_policy().compute_dtype != "float32"
     return KL.Lambda(lambda t: tf.keras.activations.softmax(tf.cast(t, "float32") if mixed else t, axis=4),
-                     name=f"{prefix}_prediction", **({"dtype": "float32"} if mixed else {}))(x)
+                     name=f"{net.prefix}_prediction", **({"dtype": "float32"} if mixed else {}))(x)
 
 
 def _one_hot_of_argmax(x: tf.Tensor, depth: int, name: str) -> tf.Tensor:
@@ -61,73 +64,72 @@ def _one_hot_of_argmax(x: tf.Tensor, depth: int, name: str) -> tf.Tensor:
     return KL.Lambda(lambda t: tf.one_hot(tf.cast(t, "int32"), depth=depth, axis=-1), name=f"{name}_onehot")(x)
 
 
-def unet_model(n_labels: int, n_channels: int = 1) -> tf.keras.Model:
-    """The plain segmentation U-Net (SynthSeg 1.0/2.0): image → softmax posteriors."""
-    image = KL.Input(shape=[None, None, None, n_channels], name="unet_input")
-    return tf.keras.Model(image, unet(image, "unet", n_labels), name="synthseg_unet")
+def unet_model(net: arch.UNet) -> tf.keras.Model:
+    """A plain U-Net (the SynthSeg 1.0/2.0 segmentation, the parcellation): image → softmax posteriors."""
+    image = KL.Input(shape=[None, None, None, net.c_in], name=f"{net.prefix}_input")
+    name = {"unet": "synthseg_unet", "unet_parc": "synthseg_parc"}.get(net.prefix, f"synthseg_{net.prefix}")
+    return tf.keras.Model(image, unet(image, net), name=name)
 
 
-def robust_model(n_labels: int, n_groups: int = 5) -> tf.keras.Model:
+def robust_model(net: arch.Robust) -> tf.keras.Model:
     """SynthSeg-robust: U-Net to coarse groups → "l2l" denoiser → "unet2" on image + groups."""
-    image = KL.Input(shape=[None, None, None, 1], name="unet_input")
-    x = unet(image, "unet", n_groups)
-    x = _one_hot_of_argmax(x, n_groups, "stage1")
-    x = unet(x, "l2l", n_groups, conv_size=5, n_features=16, skip_n=2)
-    x = _one_hot_of_argmax(x, n_groups, "stage2")
-    if n_groups <= 2:
+    first, l2l, last = net.stages
+    image = KL.Input(shape=[None, None, None, first.c_in], name="unet_input")
+    x = _one_hot_of_argmax(unet(image, first), net.n_groups, "stage1")
+    x = _one_hot_of_argmax(unet(x, l2l), net.n_groups, "stage2")
+    if net.n_groups <= 2:
         x = KL.Lambda(lambda t: t[..., 1:], name="stage2_drop_bg")(x)
     x = KL.Lambda(lambda t: tf.cast(tf.concat(t, axis=-1), "float32"), name="stage2_concat")([image, x])
-    return tf.keras.Model(image, unet(x, "unet2", n_labels), name="synthseg_robust")
+    return tf.keras.Model(image, unet(x, last), name="synthseg_robust")
 
 
-def parc_model(n_labels: int = 69) -> tf.keras.Model:
-    """Cortical parcellation U-Net; input = image + one-hot cortex mask (3 channels)."""
-    x = KL.Input(shape=[None, None, None, 3], name="unet_parc_input")
-    return tf.keras.Model(x, unet(x, "unet_parc", n_labels), name="synthseg_parc")
-
-
-def qc_model(n_groups: int = 9, n_levels: int = 4, conv_size: int = 5, n_features: int = 24) -> tf.keras.Model:
+def qc_model(net: arch.QC) -> tf.keras.Model:
     """QC regressor: residual encoder on one-hot structure groups → one score per group.
 
     Mirrors upstream's ``conv_enc(use_residuals=True)``: the last conv of a level has no
     activation, a 5×5×5 "expand" conv matches the channel count of the shortcut, and the sum goes
     through ReLU and BatchNorm; the final map is averaged over space inside the graph.
     """
-    inp = KL.Input(shape=[None, None, None, n_groups], name="qc_input")
+    inp = KL.Input(shape=[None, None, None, net.n_groups], name="qc_input")
     x = inp
-    for level in range(n_levels):
+    for level in range(net.n_levels):
+        conv0, conv1, expand, bn = net.level(level)
         shortcut = x
-        feats = int(np.round(n_features * 2 ** level))
-        x = KL.Conv3D(feats, conv_size, padding="same", activation="relu", data_format="channels_last",
-                      dilation_rate=1, name=f"qc_conv_downarm_{level}_0")(x)
-        x = KL.Conv3D(feats, conv_size, padding="same", name=f"qc_conv_downarm_{level}_1")(x)
-        n_in, n_out = shortcut.shape[-1], x.shape[-1]
-        if n_in > 1 and n_out > 1 and n_in != n_out:
-            shortcut = KL.Conv3D(feats, conv_size, padding="same", activation="relu", data_format="channels_last",
-                                 dilation_rate=1, name=f"qc_expand_down_merge_{level}")(shortcut)
+        x = _conv(conv0)(x)
+        x = _conv(conv1, data_format=False)(x)
+        if expand is not None:
+            shortcut = _conv(expand)(shortcut)
         x = KL.add([shortcut, x], name=f"qc_res_down_merge_{level}")
         x = KL.Activation("relu", name=f"qc_res_down_merge_act_{level}")(x)
-        x = KL.BatchNormalization(axis=-1, name=f"qc_bn_down_{level}")(x)
-        if level < n_levels - 1:
+        x = KL.BatchNormalization(axis=-1, name=bn.name)(x)
+        if level < net.n_levels - 1:
             x = KL.MaxPooling3D(pool_size=(2, 2, 2), padding="same", name=f"qc_maxpool_{level}")(x)
     x = KL.MaxPool3D(pool_size=(2, 2, 2), padding="same", name="qc_maxpool_3")(x)
-    for k in range(2):
-        x = KL.Conv3D(n_groups, kernel_size=conv_size, padding="same", activation="relu",
-                      data_format="channels_last", name=f"qc_final_conv_{k}")(x)
+    for conv in net.final():
+        x = KL.Conv3D(conv.c_out, kernel_size=conv.kernel, padding="same", activation=conv.activation,
+                      data_format="channels_last", name=conv.name)(x)
     score = KL.Lambda(lambda t: tf.reduce_mean(t, axis=[1, 2, 3]), name="qc_final_pred")(x)
     return tf.keras.Model(inp, score, name="synthseg_qc")
 
 
-class ArgmaxLabels:
-    """TensorFlow's argmax over channels (not numpy's), mapped through a lookup table.
+def keras_model(net: arch.Network) -> tf.keras.Model:
+    """The Keras model of any of SynthSeg's networks, its layers named as in the official weight files."""
+    if isinstance(net, arch.Robust):
+        return robust_model(net)
+    if isinstance(net, arch.QC):
+        return qc_model(net)
+    return unet_model(net)
+
+
+class Argmax:
+    """TensorFlow's argmax over channels (not numpy's), as int32.
 
     Upstream takes these hard decisions inside its graph; using the same op guarantees the same
     winner wherever two posteriors tie.
     """
 
-    def __init__(self, lut: np.ndarray):
-        table = tf.constant(lut.astype(np.int32))
-        self.fn = tf.function(lambda x: tf.gather(table, tf.cast(tf.argmax(x, axis=-1), "int32")),
+    def __init__(self) -> None:
+        self.fn = tf.function(lambda x: tf.cast(tf.argmax(x, axis=-1), "int32"),
                               input_signature=[tf.TensorSpec([1, None, None, None, None], tf.float32)])
 
     def __call__(self, post: np.ndarray) -> np.ndarray:
@@ -162,7 +164,7 @@ class Piece:
 
     def conv_flops(self) -> list[tuple[tf.keras.layers.Layer, int]]:
         """Each convolution of the piece with its FLOPs for the voxels produced so far (as flops.py counts)."""
-        return [(conv, self.voxels * per_voxel_flop(conv.kernel.shape[-2], conv.filters, conv.kernel.shape[0]))
+        return [(conv, self.voxels * arch.per_voxel_flop(conv.kernel.shape[-2], conv.filters, conv.kernel.shape[0]))
                 for conv in self.convs]
 
     @property

@@ -139,3 +139,13 @@ def report() -> str:
         fast = [p for p in ("bf16", "fp16", "tf32") if precision_unsupported(p, dev) is None]
         lines.append(f"  {describe(dev)}: {state}; reduced precision: {', '.join(fast) or 'none'}")
     return "\n".join(lines)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device running out of memory: CUDA's ``OutOfMemoryError``, MPS's "MPS backend out of
+    memory", the CPU allocator's "can't allocate memory"."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc)
+    return "out of memory" in text or "can't allocate memory" in text

@@ -6,34 +6,28 @@ end of each level, 2x2x2 max-pooling, nearest upsampling, skip connections taken
 likelihood and a softmax. Tensors are channels first (N, C, X, Y, Z), PyTorch's native layout; the axes X, Y, Z
 are the Keras model's, so a Keras kernel (kx, ky, kz, in, out) becomes (out, in, kx, ky, kz) unchanged otherwise.
 
-Layer names are the Keras ones, so :func:`load_arrays` can report a missing or misshaped layer by the name the
-weight file uses, as the TF backend does.
+The layers are built from the framework-free description in ``engine/architecture.py`` (names, channels, kernels,
+levels), the same one the TF backend builds from; their arrays arrive checked (``engine.weights.checked``).
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ....config import N_LEVELS
-from ....errors import WeightsError
+from ... import architecture as arch
 
 BN_EPSILON = 1e-3  # Keras' BatchNormalization default, which SynthSeg's models keep
 
 
 class Conv(nn.Conv3d):
-    """A Keras ``Conv3D(padding="same")``: odd kernel, zero padding of half its size, optional activation.
+    """A Keras ``Conv3D(padding="same")``: odd kernel, zero padding of half its size, optional activation."""
 
-    ``level`` is how many times the grid was halved before this layer (for the FLOP count).
-    """
-
-    def __init__(self, name: str, c_in: int, c_out: int, size: int, activation: str | None, level: int):
-        super().__init__(c_in, c_out, size, padding=size // 2)
-        self.keras_name, self.activation, self.level = name, activation, level
+    def __init__(self, spec: arch.Conv):
+        super().__init__(spec.c_in, spec.c_out, spec.kernel, padding=spec.kernel // 2)
+        self.keras_name, self.activation = spec.name, spec.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self._activate(super().forward(x))
@@ -51,91 +45,47 @@ class Conv(nn.Conv3d):
             return F.relu(y, inplace=True)
         return y
 
-    def set_keras(self, stored: dict[str, np.ndarray], path: str | os.PathLike) -> None:
-        kernel = _array(stored, "kernel", self.keras_name, path, tuple(self.weight.shape[2:]) +
-                        (self.in_channels, self.out_channels))
-        bias = _array(stored, "bias", self.keras_name, path, (self.out_channels,))
+    def set_keras(self, stored: dict[str, np.ndarray]) -> None:
+        """Keras' kernel (kx, ky, kz, in, out) as PyTorch's (out, in, kx, ky, kz), and the bias."""
         with torch.no_grad():
-            self.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.transpose(4, 3, 0, 1, 2))))
-            self.bias.copy_(torch.from_numpy(bias))
+            self.weight.copy_(torch.from_numpy(np.ascontiguousarray(stored["kernel"].transpose(4, 3, 0, 1, 2))))
+            self.bias.copy_(torch.from_numpy(stored["bias"]))
 
 
 class BatchNorm(nn.Module):
     """Keras' BatchNormalization at inference: ``(x - mean) / sqrt(var + eps) * gamma + beta`` per channel."""
 
-    def __init__(self, name: str, channels: int):
+    def __init__(self, spec: arch.BatchNorm):
         super().__init__()
-        self.keras_name = name
-        for kind in ("gamma", "beta", "moving_mean", "moving_variance"):
-            self.register_buffer(kind, torch.zeros(channels))
+        self.keras_name = spec.name
+        for kind in arch.BN_KINDS:
+            self.register_buffer(kind, torch.zeros(spec.channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return F.batch_norm(x, self.moving_mean, self.moving_variance, self.gamma, self.beta, False, 0.0,
                             BN_EPSILON)
 
-    def set_keras(self, stored: dict[str, np.ndarray], path: str | os.PathLike) -> None:
-        for kind in ("gamma", "beta", "moving_mean", "moving_variance"):
-            buf = getattr(self, kind)
-            buf.copy_(torch.from_numpy(_array(stored, kind, self.keras_name, path, tuple(buf.shape))))
-
-
-def _array(stored: dict[str, np.ndarray], kind: str, layer: str, path: str | os.PathLike,
-           shape: tuple[int, ...]) -> np.ndarray:
-    """One array of a layer, checked as the TF backend checks it (the same messages)."""
-    if kind not in stored:
-        raise WeightsError(f"{path}: layer '{layer}' has no '{kind}' weights")
-    value = np.asarray(stored[kind], dtype=np.float32)
-    if tuple(value.shape) != shape:
-        raise WeightsError(f"{path}: layer '{layer}' {kind} has shape {tuple(value.shape)}, the network expects "
-                           f"{shape}")
-    if not np.all(np.isfinite(value)):  # damaged bytes inside a dataset read back as NaN/Inf
-        raise WeightsError(f"{path}: layer '{layer}' {kind} has NaN or infinite values (corrupt file?)")
-    return value
-
-
-def features(n_features: int, level: int) -> int:
-    return int(np.round(n_features * 2 ** level))
+    def set_keras(self, stored: dict[str, np.ndarray]) -> None:
+        for kind in arch.BN_KINDS:
+            getattr(self, kind).copy_(torch.from_numpy(stored[kind]))
 
 
 class UNet(nn.Module):
-    """Upstream's U-Net: per level two convolutions then BatchNorm (then max-pooling going down); going up,
-    nearest upsampling, concatenation ``[skip, upsampled]``, two convolutions, BatchNorm; likelihood, softmax.
+    """Upstream's U-Net (``architecture.UNet``): per level two convolutions then BatchNorm (then max-pooling going
+    down); going up, nearest upsampling, concatenation ``[skip, upsampled]``, two convolutions, BatchNorm; likelihood,
+    softmax. The attributes are lists indexed by level (``up[res]``: the decoder level at resolution ``res``, 0 = full)
+    so the slab-streaming runner (stream.py) can run pieces of it."""
 
-    ``skip_n`` drops the skip connections of the deepest decoder levels (the robust model's "l2l" network).
-    The attributes are lists indexed by level so the slab-streaming runner (stream.py) can run pieces of it.
-    """
-
-    def __init__(self, prefix: str, c_in: int, n_labels: int, conv_size: int = 3, n_features: int = 24,
-                 n_levels: int = N_LEVELS, skip_n: int = 0):
+    def __init__(self, spec: arch.UNet):
         super().__init__()
-        self.prefix, self.n_levels, self.n_labels = prefix, n_levels, n_labels
-        self.down = nn.ModuleList()
-        self.bn_down = nn.ModuleList()
-        c = c_in
-        for level in range(n_levels):
-            feats = features(n_features, level)
-            self.down.append(nn.ModuleList([
-                Conv(f"{prefix}_conv_downarm_{level}_{k}", c if k == 0 else feats, feats, conv_size, "elu", level)
-                for k in range(2)]))
-            self.bn_down.append(BatchNorm(f"{prefix}_bn_down_{level}", feats))
-            c = feats
-        # up[i] is the decoder level at resolution i (0 = full), so that up[0] is the last to run.
-        self.up: nn.ModuleList = nn.ModuleList([nn.Module() for _ in range(n_levels - 1)])
-        self.bn_up = nn.ModuleList([nn.Module() for _ in range(n_levels - 1)])
-        self.merges = [False] * (n_levels - 1)
-        for level in range(n_levels - 1):  # Keras' order: deepest decoder level first
-            res = n_levels - 2 - level
-            feats = features(n_features, res)
-            merge = level < n_levels - skip_n - 1
-            c_first = c + (features(n_features, res) if merge else 0)
-            u = n_levels + level
-            self.up[res] = nn.ModuleList([
-                Conv(f"{prefix}_conv_uparm_{u}_{k}", c_first if k == 0 else feats, feats, conv_size, "elu", res)
-                for k in range(2)])
-            self.bn_up[res] = BatchNorm(f"{prefix}_bn_up_{level}", feats)
-            self.merges[res] = merge
-            c = feats
-        self.likelihood = Conv(f"{prefix}_likelihood", c, n_labels, 1, None, 0)
+        self.prefix, self.n_levels, self.n_labels = spec.prefix, spec.n_levels, spec.n_labels
+        self.down = nn.ModuleList([nn.ModuleList([Conv(c) for c in spec.down(level)])
+                                   for level in range(spec.n_levels)])
+        self.bn_down = nn.ModuleList([BatchNorm(spec.bn_down(level)) for level in range(spec.n_levels)])
+        self.up = nn.ModuleList([nn.ModuleList([Conv(c) for c in spec.up(res)]) for res in range(spec.n_levels - 1)])
+        self.bn_up = nn.ModuleList([BatchNorm(spec.bn_up(res)) for res in range(spec.n_levels - 1)])
+        self.merges = [spec.merges(res) for res in range(spec.n_levels - 1)]
+        self.likelihood = Conv(spec.likelihood())
 
     def encode(self, level: int, x: torch.Tensor) -> torch.Tensor:
         """The two convolutions of encoder level ``level`` (the skip connection's tensor)."""
@@ -179,14 +129,13 @@ def one_hot_argmax(x: torch.Tensor, depth: int) -> torch.Tensor:
 
 
 class Robust(nn.Module):
-    """SynthSeg-robust: U-Net to coarse groups -> "l2l" denoiser -> "unet2" on image + groups."""
+    """SynthSeg-robust (``architecture.Robust``): U-Net to coarse groups -> "l2l" denoiser -> "unet2" on image +
+    groups."""
 
-    def __init__(self, n_labels: int, n_groups: int = 5):
+    def __init__(self, spec: arch.Robust):
         super().__init__()
-        self.n_groups = n_groups
-        self.unet = UNet("unet", 1, n_groups)
-        self.l2l = UNet("l2l", n_groups, n_groups, conv_size=5, n_features=16, skip_n=2)
-        self.unet2 = UNet("unet2", 1 + (n_groups - 1 if n_groups <= 2 else n_groups), n_labels)
+        self.n_groups = spec.n_groups
+        self.unet, self.l2l, self.unet2 = (UNet(stage) for stage in spec.stages)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = one_hot_argmax(self.unet(image), self.n_groups)
@@ -197,27 +146,21 @@ class Robust(nn.Module):
 
 
 class QC(nn.Module):
-    """The QC regressor: residual encoder on one-hot structure groups -> one score per group (as the TF
-    backend's ``qc_model``: the level's last conv has no activation; a 5x5x5 "expand" conv matches the
-    shortcut's channels; ReLU and BatchNorm after the sum; the final map averaged over space)."""
+    """The QC regressor (``architecture.QC``, as the TF backend's ``qc_model``: the level's last conv has no
+    activation; a 5x5x5 "expand" conv matches the shortcut's channels; ReLU and BatchNorm after the sum; the final map
+    averaged over space)."""
 
-    def __init__(self, n_groups: int = 9, n_levels: int = 4, conv_size: int = 5, n_features: int = 24):
+    def __init__(self, spec: arch.QC):
         super().__init__()
-        self.n_levels = n_levels
+        self.n_levels = spec.n_levels
         self.levels = nn.ModuleList()
-        c = n_groups
-        for level in range(n_levels):
-            feats = features(n_features, level)
-            parts = nn.ModuleDict({
-                "conv0": Conv(f"qc_conv_downarm_{level}_0", c, feats, conv_size, "relu", level),
-                "conv1": Conv(f"qc_conv_downarm_{level}_1", feats, feats, conv_size, None, level),
-                "bn": BatchNorm(f"qc_bn_down_{level}", feats)})
-            if c > 1 and feats > 1 and c != feats:
-                parts["expand"] = Conv(f"qc_expand_down_merge_{level}", c, feats, conv_size, "relu", level)
+        for level in range(spec.n_levels):
+            conv0, conv1, expand, bn = spec.level(level)
+            parts = nn.ModuleDict({"conv0": Conv(conv0), "conv1": Conv(conv1), "bn": BatchNorm(bn)})
+            if expand is not None:
+                parts["expand"] = Conv(expand)
             self.levels.append(parts)
-            c = feats
-        self.final = nn.ModuleList([Conv(f"qc_final_conv_{k}", c if k == 0 else n_groups, n_groups, conv_size,
-                                         "relu", n_levels) for k in range(2)])
+        self.final = nn.ModuleList([Conv(c) for c in spec.final()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         for level, parts in enumerate(self.levels):
@@ -232,35 +175,23 @@ class QC(nn.Module):
         return x.float().mean(dim=(2, 3, 4))
 
 
-def weighted_layers(model: nn.Module) -> dict[str, Conv | BatchNorm]:
-    """Every layer holding weights, by its Keras name."""
-    return {m.keras_name: m for m in model.modules() if isinstance(m, (Conv, BatchNorm))}
+def module(net: arch.Network) -> nn.Module:
+    """The ``torch.nn`` module of any of SynthSeg's networks."""
+    if isinstance(net, arch.Robust):
+        return Robust(net)
+    if isinstance(net, arch.QC):
+        return QC(net)
+    return UNet(net)
 
 
-def load_arrays(model: nn.Module, arrays: dict[str, dict[str, np.ndarray]], path: str | os.PathLike) -> int:
-    """Set every weighted layer of ``model`` from ``engine.weights.read_weights``'s arrays; the number set.
-
-    Raises :class:`WeightsError` naming the first layer that is missing or misshaped.
-    """
+def load_arrays(model: nn.Module, arrays: dict[str, dict[str, np.ndarray]]) -> int:
+    """Set every weighted layer of ``model`` from checked arrays (``engine.weights.checked``); the number set."""
     count = 0
-    for name, layer in weighted_layers(model).items():
-        if name not in arrays:
-            raise WeightsError(f"{path}: layer '{name}' is missing from the weights file")
-        layer.set_keras(arrays[name], path)
-        count += 1
-    return count
-
-
-def conv_flops(model: nn.Module, grid: tuple[int, int, int]) -> int:
-    """Convolution FLOPs of one pass on a ``grid`` input, counted as the TF backend's flops.py counts them:
-    2 per multiply-add (2 k^3 C_in C_out per output voxel) plus one per output value for the bias."""
-    total = 0
     for m in model.modules():
-        if isinstance(m, Conv):
-            voxels = int(np.prod([g // 2 ** m.level for g in grid]))
-            k = int(np.prod(m.kernel_size))
-            total += voxels * m.out_channels * (2 * k * m.in_channels + 1)
-    return total
+        if isinstance(m, (Conv, BatchNorm)):
+            m.set_keras(arrays[m.keras_name])
+            count += 1
+    return count
 
 
 def blur_taps(sigma: float) -> list[float]:

@@ -22,10 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..io.atomic import write_text
-from ..log import RUN
+from synthseg_native.io.atomic import write_text
+from synthseg_native.log import RUN
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"synthseg_native.{__name__}")  # the [TAG] lines
 
 
 class TimingError(Exception):

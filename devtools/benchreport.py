@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..io.atomic import atomic_write
+from synthseg_native.io.atomic import atomic_write
 
 
 def summarise(hf: dict, rss: dict[str, list[int]]) -> list[dict]:

@@ -19,12 +19,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from ..engine.backends.tf.devices import prepare_tensorflow
-from ..engine.machine import cpu_has_bf16
-from ..io.atomic import write_text
-from ..log import DONE, SKIP
+from synthseg_native.engine.backends.tf.devices import prepare_tensorflow
+from synthseg_native.engine.machine import cpu_has_bf16
+from synthseg_native.io.atomic import write_text
+from synthseg_native.log import DONE, SKIP
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
+logger = logging.getLogger(f"synthseg_native.{__spec__.name if __spec__ else __name__}")  # the [TAG] lines
 
 # (name, spatial edge at full size, C_in, C_out): the U-Net's dominant convolutions, by level.
 CASES = [
@@ -72,7 +72,7 @@ def conv_time(grid: tuple[int, ...], c_in: int, c_out: int, dtype: str = "float3
     ``grid`` of ``c_in`` channels: the figure a network layer of that shape is measured against."""
     import tensorflow as tf
 
-    from ..engine.backends.tf.flops import per_voxel_flop
+    from synthseg_native.engine.architecture import per_voxel_flop
 
     layer = tf.keras.layers.Conv3D(c_out, kernel, padding="same", activation="elu", dtype=dtype)
     x = tf.random.stateless_uniform([1, *grid, c_in], seed=[1, 2], dtype="float32")
@@ -91,7 +91,7 @@ def conv_time(grid: tuple[int, ...], c_in: int, c_out: int, dtype: str = "float3
 
 
 def run(threads: int | None, repeats: int, scale: float) -> dict:
-    from ..engine.backends.tf import devices  # imports TensorFlow: after prepare_tensorflow()
+    from synthseg_native.engine.backends.tf import devices  # imports TensorFlow: after prepare_tensorflow()
 
     n_threads = devices.configure_threads(threads)
     device = devices.network_device()

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api import Segmenter, save
-from ..config.sizes import format_size
-from ..io.atomic import write_text
-from ..log import DONE, RUN
-from .testweights import generate
+from synthseg_native.api import Segmenter, save
+from synthseg_native.config.sizes import format_size
+from synthseg_native.io.atomic import write_text
+from synthseg_native.log import DONE, RUN
+from synthseg_native.tools.testweights import generate
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
+logger = logging.getLogger(f"synthseg_native.{__spec__.name if __spec__ else __name__}")  # the [TAG] lines
 
 MODES = {"default": {}, "fast": {"fast": True}, "robust": {"robust": True}, "parcqc": {"parc": True, "qc": True}}
 STRIDE = 5  # posterior sample: every 5th voxel along each axis (1/125 of them)
@@ -82,7 +82,7 @@ def reference(args: argparse.Namespace) -> int:
         reference_runs(args, image, models, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from ..engine.backends.torch import devices  # heavy: imports PyTorch (loaded by the runs above)
+    from synthseg_native.engine.backends.torch import devices  # heavy: imports PyTorch (loaded by the runs above)
 
     facts = {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
              "torch": devices.version(), "image": image.name, "crop": args.crop, "modes": args.modes,
@@ -112,7 +112,7 @@ def agreement(found: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.backends.torch import devices  # heavy: imports PyTorch
+    from synthseg_native.engine.backends.torch import devices  # heavy: imports PyTorch
 
     ref_dir, out = Path(args.ref), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,7 @@ def markdown(summary: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m synthseg_native.tools.gpucheck", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m devtools.gpucheck", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="step", required=True)
     for name in ("reference", "run"):
         s = sub.add_parser(name)

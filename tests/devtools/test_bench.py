@@ -16,29 +16,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from devtools import bench, benchgate, benchreport, benchtiming
 from engine_fixtures import ROOT
 from fake_synthseg import make_checkout
-from synthseg_native.engine.backends.tf import flops, network
-from synthseg_native.tools import bench, benchgate, benchreport, benchtiming
-
-KL = tf.keras.layers
+from synthseg_native.engine import architecture as arch
 
 
 def test_flop_count_of_a_one_level_unet_by_hand():
     """One level: conv 1→24 (3³), conv 24→24 (3³), BatchNorm, likelihood 24→5 (1³), softmax."""
-    image = KL.Input(shape=[None, None, None, 1])
-    model = tf.keras.Model(image, network.unet(image, "unet", 5, n_levels=1))
     voxels = 8 * 6 * 4
     by_hand = voxels * (24 * (2 * 27 * 1 + 1) + 24 * (2 * 27 * 24 + 1) + 5 * (2 * 24 + 1))
-    assert flops.conv_flops(model, (8, 6, 4, 1)) == by_hand
+    assert arch.conv_flops(arch.UNet("unet", 1, 5, n_levels=1), (8, 6, 4)) == by_hand
 
 
 def test_flop_count_of_the_synthseg_unet_per_voxel():
     """The 5-level SynthSeg U-Net: 311,004 FLOPs of multiply-adds plus 160.6875 bias adds per input voxel
     (levels shrink by 8 in voxel count; summed by hand over the 19 convolutions)."""
-    per_voxel = flops.conv_flops(network.unet_model(33), (32, 32, 32, 1)) / 32 ** 3
+    per_voxel = arch.conv_flops(arch.UNet("unet", 1, 33), (32, 32, 32)) / 32 ** 3
     assert per_voxel == pytest.approx(311004 + 160.6875, abs=1e-9)
 
 
@@ -74,7 +69,7 @@ def test_bench_end_to_end(tmp_path, tiny, weights):
     res = tmp_path / "report"
     env = dict(os.environ, SYNTHSEG_HOME=str(home), FAKE_RECORD=str(tmp_path / "fake.json"), FAKE_WRITE="1",
                PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run([sys.executable, "-m", "synthseg_native.tools.bench", "--in", str(tiny), "--runs", "1",
+    proc = subprocess.run([sys.executable, "-m", "devtools.bench", "--in", str(tiny), "--runs", "1",
                            "--warmup", "0", "--threads", "1", "--models", str(models), "--results", str(res),
                            "--work", str(tmp_path / "work"), "--roofline-size", "0.12", "--roofline-repeats", "1",
                            # the gate: one criterion that holds, two that cannot (the fake reference is tiny)

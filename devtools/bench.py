@@ -12,7 +12,7 @@ weights it uses seeded test weights and says so: run time does not depend on the
 Usage: synthseg-native-bench [--in IMG] [--runs 5] [--warmup 1] [--threads N] [--flags "..."]
            [--backends "tf torch"] [--precisions "fp32 bf16"] [--no-interleave] [--max-time-ratio R]
            [--max-rss-ratio R] [--min-agreement PCT]
-       python -m synthseg_native.tools.bench rss --record FILE -- CMD...   (internal: peak RSS of one run)
+       python -m devtools.bench rss --record FILE -- CMD...   (internal: peak RSS of one run)
 """
 
 from __future__ import annotations
@@ -32,30 +32,26 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config.options import PRECISIONS
-from ..config.parser import parse
-from ..engine import machine
-from ..engine.backends.tf.devices import prepare_tensorflow
-from ..engine.weights import MODEL_FILES, find_weights, is_test_weights
-from ..errors import UpstreamError, UsageError, WeightsError
-from ..io.atomic import image_extension, write_text
-from ..log import DONE, RUN, SKIP
-from ..reference.upstream import find_synthseg_home
-from . import benchgate, benchtiming
-from .benchreport import chart, other_profile_markdown, rounds_markdown, summarise, summary_markdown
-from .demo import mni152_t1
-from .testweights import generate
+from devtools import benchgate, benchtiming
+from devtools.benchreport import chart, other_profile_markdown, rounds_markdown, summarise, summary_markdown
+from synthseg_native.config.options import PRECISIONS
+from synthseg_native.config.parser import parse
+from synthseg_native.engine import machine
+from synthseg_native.engine.backends.tf.devices import prepare_tensorflow
+from synthseg_native.engine.weights import MODEL_FILES, find_weights, is_test_weights
+from synthseg_native.errors import UpstreamError, UsageError, WeightsError
+from synthseg_native.io.atomic import image_extension, write_text
+from synthseg_native.log import DONE, RUN, SKIP
+from synthseg_native.reference.upstream import find_synthseg_home
+from synthseg_native.tools.demo import mni152_t1
+from synthseg_native.tools.testweights import generate
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
+logger = logging.getLogger(f"synthseg_native.{__spec__.name if __spec__ else __name__}")  # the [TAG] lines
 
 
 def project_root() -> Path:
-    """The source tree this package runs from (results/ and scripts/ live there), or the working directory
-    for an installed package."""
-    for folder in Path(__file__).resolve().parents:
-        if (folder / "pyproject.toml").is_file() and (folder / "synthseg_src").is_dir():
-            return folder
-    return Path.cwd()
+    """The source tree these development tools live in (results/ and scripts/ are there)."""
+    return Path(__file__).resolve().parents[1]
 
 
 PROJECT = project_root()
@@ -206,7 +202,7 @@ def docker_unavailable() -> str | None:
 
 def shell_command(engine: Engine, python: str, record: Path) -> str:
     env = [f"{k}={v}" for k, v in engine.env.items()]
-    argv = [python, "-m", "synthseg_native.tools.bench", "rss", "--record", str(record), "--",
+    argv = [python, "-m", "devtools.bench", "rss", "--record", str(record), "--",
             *(["env", *env] if env else []), *engine.argv]
     return shlex.join(argv)
 
@@ -238,7 +234,7 @@ def parse_profile(text: str) -> dict:
 def run_roofline(python: str, threads: int, res: Path, size: float, repeats: int) -> dict:
     logger.log(RUN, "conv3d roofline (make roofline)")
     out = res / "roofline.json"
-    proc = subprocess.run([python, "-m", "synthseg_native.tools.roofline", "--threads", str(threads), "--out", str(out),
+    proc = subprocess.run([python, "-m", "devtools.roofline", "--threads", str(threads), "--out", str(out),
                            "--size", str(size), "--repeats", str(repeats)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise BenchError(f"roofline failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -299,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["rss"]:
         return rss_main(argv[1:])
     args = parser().parse_args(argv)
-    prepare_tensorflow()  # test weights may be generated in this process: same TensorFlow settings and quiet logs
+    prepare_tensorflow()  # the same TensorFlow settings and quiet logs as the runs it times
+    # the commands it times run `python -m devtools.bench rss`: the tree these tools live in is on their path
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
     try:
         return bench(args)
     except BenchError as exc:

@@ -1,4 +1,4 @@
-"""make profile-layers (tools/layerprofile.py): every piece of the staged U-Net timed, FLOPs that add up to the
+"""make profile-layers (devtools/layerprofile.py): every piece of the staged U-Net timed, FLOPs that add up to the
 network's, the bare-conv comparison, and a timer that changes no value."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from synthseg_native.tools import layerprofile
+from devtools import layerprofile
 
 
 def test_timed_pieces_compute_the_same_bits_and_count_every_call(weights):
     from synthseg_native.api import Segmenter
 
     with Segmenter(models=str(weights.need("seg2")), threads=2, backend="tf") as seg:
-        staged = seg.predictor.run_seg
+        staged = seg.predictor.seg
         image = np.random.default_rng(3).random((1, 64, 32, 32, 1), dtype=np.float32)
         plain = staged.predict(image)
         assert all(p.calls == 0 for p in staged.pieces)  # off by default: nothing counted
@@ -62,7 +62,7 @@ def test_command_line_prints_only_tagged_lines_and_the_table(weights, inputs):
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}  # as a user's shell: not this session's
-    r = subprocess.run([sys.executable, "-m", "synthseg_native.tools.layerprofile", "--i", str(inputs["ras"]),
+    r = subprocess.run([sys.executable, "-m", "devtools.layerprofile", "--i", str(inputs["ras"]),
                         "--models", str(weights.need("seg2")), "--threads", "1", "--crop", "64", "--no-bare"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -6,7 +6,7 @@ run on Python 3.9). One requirements file serves every platform through environm
 module evaluates those markers for a *simulated* platform, so that ``DRY_RUN=1`` can show what a
 Mac would install while running on Linux, and the tests can check every platform on one machine.
 
-    python -m synthseg_native.tools.platforms REQUIREMENTS PLATFORM [--gpu cuda]
+    python -m devtools.platforms REQUIREMENTS PLATFORM [--gpu cuda]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def requirements_for(path: Path | str, platform: str, python: str | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m synthseg_native.tools.platforms",
+    parser = argparse.ArgumentParser(prog="python -m devtools.platforms",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("requirements")
     parser.add_argument("platform", choices=sorted(MARKER_ENV))

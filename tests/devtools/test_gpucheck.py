@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from synthseg_native.tools import gpucheck  # noqa: E402
+from devtools import gpucheck  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def test_gpu_check_runs_on_cpu(weights, inputs, tmp_path):
     assert "| default | fp32 |" in (out / "summary.md").read_text()
 
 
-BLOCK = ROOT / "tests" / "tools" / "no_tensorflow"  # a sitecustomize that makes tensorflow/keras/nilearn unimportable
+BLOCK = ROOT / "tests" / "no_tensorflow"  # a sitecustomize that makes tensorflow/keras/nilearn unimportable
 
 
 def test_gpu_check_prepare_then_run_as_on_the_device(inputs, tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import platform
 import sys
 import time
@@ -31,18 +32,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api import Segmenter
-from ..engine.backends.tf.devices import PRECISIONS, prepare_tensorflow
-from ..engine.machine import cpu_flags, cpu_model
-from ..engine.preprocess import preprocess
-from ..errors import SynthSegError, UsageError
-from ..io.atomic import write_text
-from ..io.images import load_image
-from ..log import DONE, RUN
-from .demo import mni152_t1
-from .roofline import conv_time
+from devtools.roofline import conv_time
+from synthseg_native.api import Segmenter
+from synthseg_native.engine import architecture as arch
+from synthseg_native.engine.backends.tf.devices import PRECISIONS, prepare_tensorflow
+from synthseg_native.engine.machine import cpu_flags, cpu_model
+from synthseg_native.engine.preprocess import preprocess
+from synthseg_native.errors import SynthSegError, UsageError
+from synthseg_native.io.atomic import write_text
+from synthseg_native.io.images import load_image
+from synthseg_native.log import DONE, RUN
+from synthseg_native.tools.demo import mni152_t1
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # under "python -m" too
+logger = logging.getLogger(f"synthseg_native.{__spec__.name if __spec__ else __name__}")  # the [TAG] lines
 # the precision the network ran in (the runtime's, after any fallback) -> the dtype of the bare convs it is held to:
 # the compute dtype of the Keras policy the TF backend builds that precision under ("mixed_bfloat16" -> "bfloat16")
 BARE_DTYPES = {precision: policy.removeprefix("mixed_") for precision, policy in PRECISIONS.items()}
@@ -91,21 +93,21 @@ def shape_text(grid: tuple[int, ...], c_in: int, c_out: int, kernel: int) -> str
     return f"{kernel}^3 {c_in}->{c_out} @ {'x'.join(map(str, grid))}"
 
 
-def piece_rows(staged, grid: tuple[int, int, int], bare: BareConvs | None) -> list[Row]:
-    """A row per piece of one StagedUNet, in the order the pieces run."""
-    from ..engine.backends.tf.flops import conv_shapes
-
+def piece_rows(staged, net: arch.UNet, grid: tuple[int, int, int], bare: BareConvs | None) -> list[Row]:
+    """A row per piece of one StagedUNet (the U-Net ``net`` describes), in the order the pieces run."""
     rows = []
     for piece in staged.pieces:
         level_grid = tuple(g // 2 ** piece.level for g in grid)
         row = Row(piece.label, piece.calls, piece.seconds)
-        if piece is staged.run_core:  # one graph: its convs are counted from the traced core
-            convs = conv_shapes(staged.core, level_grid + (staged.core.inputs[0].shape[-1],))
-            row.gflop = piece.calls * sum(c.flop for c in convs) / 1e9
+        if piece is staged.run_core:  # one graph: its convs are those of the levels it runs (the architecture's)
+            convs = [(c, tuple(g // 2 ** c.level for g in grid)) for c in net.layers()
+                     if isinstance(c, arch.Conv) and c.level >= staged.fine]
+            flops = [math.prod(g) * c.flop_per_voxel() for c, g in convs]
+            row.gflop = piece.calls * sum(flops) / 1e9
             if bare is not None:
                 row.bare_seconds = piece.calls * sum(
-                    c.flop / 1e9 / bare.rate(c.grid, c.c_in, c.c_out, c.kernel) for c in convs)
-            row.shapes = sorted({shape_text(c.grid, c.c_in, c.c_out, c.kernel) for c in convs})
+                    f / 1e9 / bare.rate(g, c.c_in, c.c_out, c.kernel) for (c, g), f in zip(convs, flops))
+            row.shapes = sorted({shape_text(g, c.c_in, c.c_out, c.kernel) for c, g in convs})
         elif piece.convs:
             row.gflop = piece.flop / 1e9
             shapes = [((conv.kernel.shape[-2], conv.filters, conv.kernel.shape[0]), flop)
@@ -144,14 +146,15 @@ def table(rows: list[Row]) -> list[str]:
 
 
 def profile(args: argparse.Namespace) -> dict:
-    from ..engine.backends.tf.network import StagedUNet
+    from synthseg_native.engine.backends.tf.network import StagedUNet
 
     options = {"models": args.models, "threads": args.threads, "parc": args.parc, "fast": args.fast,
                "backend": "tf", "crop": args.crop, "precision": args.precision}
     with Segmenter(**{k: v for k, v in options.items() if v is not None}) as seg:
         predictor = seg.predictor
-        staged = [net for net in (getattr(predictor, "run_seg", None), getattr(predictor, "run_parc", None))
-                  if isinstance(net, StagedUNet)]
+        staged = [(built, predictor.architectures[key]) for key, built in ((seg.spec.model, predictor.seg),
+                                                                          ("parc", predictor.parc))
+                  if isinstance(built, StagedUNet)]
         if not staged:
             raise UsageError("this model runs as one graph (--robust): there are no staged pieces to profile")
         grid = tuple(preprocess(load_image(args.i), args.i, crop=seg.options.crop, ct=seg.options.ct,
@@ -159,22 +162,22 @@ def profile(args: argparse.Namespace) -> dict:
         for _ in range(args.warmup):
             logger.log(RUN, f"warm-up run on {args.i} (traces every graph)")
             seg.segment_image(args.i)
-        for net in staged:
+        for net, _ in staged:
             for piece in net.pieces:
                 piece.timing, piece.calls, piece.seconds, piece.voxels = True, 0, 0.0, 0
         logger.log(RUN, f"timed run on {args.i}, network grid {'x'.join(map(str, grid))}")
         try:
             result = seg.segment_image(args.i)
         finally:
-            for net in staged:
+            for net, _ in staged:
                 for piece in net.pieces:
                     piece.timing = False
         bare = None if args.no_bare else BareConvs(args.repeats, BARE_DTYPES[seg.runtime.precision])
-        rows = [row for net in staged for row in piece_rows(net, grid, bare)]
+        rows = [row for net, described in staged for row in piece_rows(net, described, grid, bare)]
         network = result.timings["network"]
         rest = Row("rest of the network stage: posterior blur + flip average, slab copies, assembly", 1,
                    max(0.0, network - sum(r.seconds for r in rows)))
-        blur = getattr(predictor, "blur", None)
+        blur = predictor.backend.blurrer if seg.spec.flip else None
         blur_pass = None if blur is None else blur_seconds(blur, grid, len(seg.labels.labels))
         threads, precision = seg.runtime.threads, seg.runtime.precision
     conv_rows = [r for r in rows if r.gflop]

@@ -1,0 +1,60 @@
+"""What the engine needs to know about a run, decided once from the options: a frozen :class:`ModelSpec`.
+
+The command line's :class:`~synthseg_native.config.Options` has some thirty fields, most of them about files and
+batches. The engine reads a handful, and several of them only in a normalised form ("robust implies fast", "--cpu
+is --device cpu", a QC *file* meaning "load the QC network"). Deriving them here, once, means every engine function
+takes the same small record and no module repeats a rule: the networks a run loads, the form of the posteriors'
+post-processing, the device, the precision and the memory budget are read off the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Options
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The networks and how they run. ``fast``: no flipped pass and no topology clean-up (``--fast``, and
+    ``--robust``, which implies it as upstream's script says); ``backend`` is the one ``--backend`` resolved to."""
+
+    model: str                          # key of the segmentation network's weights (engine.weights.MODEL_FILES)
+    v1: bool
+    robust: bool
+    fast: bool
+    parc: bool
+    qc: bool
+    ct: bool
+    crop: tuple[int, int, int] | None   # the network grid's centred patch (three sizes), None: the whole image
+    keepgeom: bool
+    backend: str                        # tf or torch
+    device: str                         # auto, cpu, cuda, mps
+    bn: str                             # auto, fused, unfused
+    precision: str
+    threads: int | None                 # None: all cores
+    models: str | None                  # an explicit weights folder (the only one searched), or None
+    max_memory: float | None            # bytes; None: the memory available
+    profile: bool = False
+    debug: bool = False
+
+    @property
+    def flip(self) -> bool:
+        """Whether the flipped pass runs and is averaged in (upstream's default path)."""
+        return not self.fast
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The weight files' keys of every network the run loads: segmentation, then parcellation and QC."""
+        return (self.model,) + (("parc",) if self.parc else ()) + (("qc",) if self.qc else ())
+
+    @classmethod
+    def of(cls, opts: Options) -> ModelSpec:
+        """The spec of ``opts`` (normalised here, so any :class:`Options` will do; ``opts.backend`` should already
+        be resolved from ``auto``)."""
+        o = opts.normalised()
+        crop = None if o.crop is None else tuple(int(c) for c in o.crop)
+        return cls(model=o.segmentation_model, v1=o.v1, robust=o.robust, fast=o.fast, parc=o.parc, qc=bool(o.qc),
+                   ct=o.ct, crop=crop, keepgeom=o.keepgeom, backend=o.backend, device=o.device, bn=o.bn,  # type: ignore[arg-type]
+                   precision=o.precision, threads=o.threads, models=o.models, max_memory=o.max_memory_bytes,
+                   profile=o.profile, debug=o.debug)
