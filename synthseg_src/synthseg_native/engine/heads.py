@@ -54,8 +54,8 @@ def make_shape(channels: np.ndarray, target: int = QC_SHAPE) -> np.ndarray:
 
 
 def qc_input(seg_channels: np.ndarray, label_set: L.LabelSet) -> np.ndarray:
-    """(1, 224, 224, 224, n_groups) one-hot of QC structure groups."""
-    cropped = make_shape(seg_channels)
+    """(1, 224, 224, 224, n_groups) one-hot of QC structure groups (``QC_SHAPE`` read at call time)."""
+    cropped = make_shape(seg_channels, QC_SHAPE)
     groups = qc_lut(label_set)[cropped]
     n_groups = len(np.unique(label_set.qc_groups))
     return np.eye(n_groups, dtype=np.float32)[groups][np.newaxis]

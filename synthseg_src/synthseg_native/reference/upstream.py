@@ -51,10 +51,11 @@ def find_synthseg_home(explicit: str | None = None) -> Path:
 def predict_kwargs(opts: Options, home: Path, models: str) -> dict[str, Any]:
     """``predict()``'s arguments as upstream's script derives them from its flags.
 
-    The robust model implies fast; v1 swaps the segmentation model and the versioned label tables
-    (``*_2.0.npy`` → ``*.npy``) but keeps the 2.0 denoiser table and the parcellation and QC models,
-    as upstream does.
+    The robust model implies fast (``Options.normalised``, the rule's one home); v1 swaps the segmentation model
+    and the versioned label tables (``*_2.0.npy`` → ``*.npy``) but keeps the 2.0 denoiser table and the
+    parcellation and QC models, as upstream does.
     """
+    opts = opts.normalised()
     labels = os.path.join(str(home), LABELS_DIR)
     table = ".npy" if opts.v1 else "_2.0.npy"
     return {
@@ -63,7 +64,7 @@ def predict_kwargs(opts: Options, home: Path, models: str) -> dict[str, Any]:
         "path_model_segmentation": os.path.join(models, MODEL_FILES[opts.segmentation_model]),
         "labels_segmentation": os.path.join(labels, "synthseg_segmentation_labels" + table),
         "robust": opts.robust,
-        "fast": opts.fast or opts.robust,
+        "fast": opts.fast,
         "v1": opts.v1,
         "do_parcellation": opts.parc,
         "n_neutral_labels": 18 if opts.v1 else 19,

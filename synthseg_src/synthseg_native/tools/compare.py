@@ -71,7 +71,7 @@ FLOAT32_HINT = ("comparing two backends, precisions or BatchNorm forms? They agr
 
 
 @dataclass
-class Result:
+class Comparison:
     """The report's markdown lines and the reasons (if any) the two sides count as different."""
 
     lines: list[str] = field(default_factory=list)
@@ -105,7 +105,7 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
 
 
 def compare_geometry(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage,
-                     res: Result) -> bool:
+                     res: Comparison) -> bool:
     """Returns whether the two grids coincide, i.e. whether voxel-wise comparison means anything."""
     same_shape = a.shape == b.shape
     affine_diff = float(np.max(np.abs(a.affine - b.affine)))
@@ -130,7 +130,7 @@ def _counts(x: np.ndarray) -> dict[int, int]:
     return dict(zip(values.tolist(), counts.tolist()))
 
 
-def compare_labels(a: np.ndarray, b: np.ndarray, tol: Tolerances, res: Result) -> None:
+def compare_labels(a: np.ndarray, b: np.ndarray, tol: Tolerances, res: Comparison) -> None:
     """Voxel agreement and per-label Dice (from three np.unique counts, not one pass per label)."""
     n_diff, total = int(np.count_nonzero(a != b)), a.size
     allowed = tol.max_voxel_diff if tol.max_voxel_share is None else int(tol.max_voxel_share * total)
@@ -156,7 +156,7 @@ def compare_labels(a: np.ndarray, b: np.ndarray, tol: Tolerances, res: Result) -
     res.lines += _table(["label", "structure", "voxels A", "voxels B", "A − B", "Dice"], rows) + [""]
 
 
-def compare_posteriors(path_a: str, path_b: str, tol: Tolerances, res: Result) -> None:
+def compare_posteriors(path_a: str, path_b: str, tol: Tolerances, res: Comparison) -> None:
     pa, pb = (_data(load(p), p) for p in (path_a, path_b))
     res.lines += ["## Posteriors", "", f"- A: `{os.path.abspath(path_a)}` {pa.shape}",
                   f"- B: `{os.path.abspath(path_b)}` {pb.shape}"]
@@ -201,7 +201,7 @@ def _delta(x: str, y: str) -> float:
         return 0.0 if x == y else float("inf")
 
 
-def compare_volumes(path_a: str, path_b: str, tol: Tolerances, res: Result) -> None:
+def compare_volumes(path_a: str, path_b: str, tol: Tolerances, res: Comparison) -> None:
     (head_a, rows_a), (head_b, rows_b) = _read_csv(path_a), _read_csv(path_b)
     res.lines += ["## Volumes (mm³)", "", f"- A: `{os.path.abspath(path_a)}` ({len(rows_a)} row(s))",
                   f"- B: `{os.path.abspath(path_b)}` ({len(rows_b)} row(s))"]
@@ -225,8 +225,8 @@ def compare_volumes(path_a: str, path_b: str, tol: Tolerances, res: Result) -> N
 
 
 def compare(seg_a: str, seg_b: str, tol: Tolerances, post: tuple[str, str] | None = None,
-            vol: tuple[str, str] | None = None) -> Result:
-    res = Result()
+            vol: tuple[str, str] | None = None) -> Comparison:
+    res = Comparison()
     img_a, img_b = load(seg_a), load(seg_b)
     if compare_geometry(img_a, img_b, res):
         compare_labels(_data(img_a, seg_a), _data(img_b, seg_b), tol, res)
