@@ -42,6 +42,11 @@ class MemoryShortage(SynthSegError):
     """The estimated need of one image exceeds the memory available even in tiles; the message says what to do."""
 
 
+class DeviceError(SynthSegError):
+    """A GPU that computes wrong values (its self-check against the CPU failed); the message names the device, the OS
+    and framework versions, the size of the difference and the ways out."""
+
+
 class LockedError(SynthSegError):
     """Another run holds the lock on an output; the message names the output and the holder."""
 

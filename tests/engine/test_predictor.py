@@ -58,7 +58,7 @@ def models(tmp_path, monkeypatch):
     from synthseg_native.engine import labels as L
 
     monkeypatch.setattr(arch, "network", tiny)
-    monkeypatch.setattr(heads, "QC_SHAPE", 8)
+    monkeypatch.setattr(arch, "QC_SHAPE", 8)
     rng = np.random.RandomState(0)
     for key in MODEL_FILES:
         net = tiny(key, L.LabelSet.build(key == "seg1"))

@@ -51,7 +51,7 @@ OUTPUT_FLAGS = ("o", "vol", "post", "resample", "qc")
 # Batch options (--resume, --shard, --snapshot, --bids-suffix, --no-overlap) only choose which scans run, in what
 # order of work, and what is shown.
 NOT_RESULT_FLAGS = {"i", *OUTPUT_FLAGS, "engine", "threads", "profile", "debug", "models", "synthseg_home",
-                    "resume", "shard", "snapshot", "bids_suffix", "no_overlap"}
+                    "device_check", "resume", "shard", "snapshot", "bids_suffix", "no_overlap"}
 
 
 def parse_engine_args(argv: list[str]) -> Options:

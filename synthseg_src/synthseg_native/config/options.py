@@ -26,6 +26,7 @@ BN_FORMS = ("auto", "fused", "unfused")
 PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
 BACKENDS = ("tf", "torch", "auto")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_CHECKS = ("error", "cpu", "off")
 ENGINES = ("native", "upstream")
 DEFAULT_BIDS_SUFFIXES = ("T1w",)
 
@@ -101,6 +102,10 @@ class Options:
                         "torch; the first [INFO] line says which).", MODEL, choices=list(BACKENDS))
     device: str = _opt("auto", "Where the networks run: auto (CUDA, then MPS, then CPU), cpu, cuda or mps (mps: torch "
                        "backend only). --cpu is --device cpu.", MODEL, choices=list(DEVICES))
+    device_check: str = _opt("error", "Before a GPU is trusted, a small streamed U-Net runs on it and on the CPU "
+                             "(once per device, OS and framework version; cached): error (default) stops with one "
+                             "[ERR] when they disagree, cpu warns and runs on the CPU instead, off skips the check.",
+                             MODEL, flag="--device-check", choices=list(DEVICE_CHECKS))
     bn: str = _opt("auto", "BatchNorm form: fused (exact, CPU/CUDA), unfused (Metal); auto picks per device.",
                    MODEL, choices=list(BN_FORMS))
     precision: str = _opt("fp32", "Network arithmetic: fp32 (default, identical to upstream); bf16 (CPUs with "
@@ -186,7 +191,7 @@ class Options:
             if any(not isinstance(c, (int, np.integer)) or c <= 0 for c in crop):
                 raise UsageError(f"--crop sizes must be positive integers, got {self.crop}")
         for name, allowed in (("bn", BN_FORMS), ("precision", PRECISIONS), ("engine", ENGINES),
-                              ("backend", BACKENDS), ("device", DEVICES)):
+                              ("backend", BACKENDS), ("device", DEVICES), ("device_check", DEVICE_CHECKS)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         parse_size(self.max_memory)

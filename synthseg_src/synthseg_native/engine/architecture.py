@@ -20,9 +20,10 @@ import numpy as np
 from ..config import N_LEVELS
 from . import labels as L
 
-__all__ = ["BN_KINDS", "N_LEVELS", "QC", "BatchNorm", "Conv", "Network", "Robust", "UNet", "conv_flops", "network",
-           "per_voxel_flop", "weight_shapes"]
+__all__ = ["BN_KINDS", "N_LEVELS", "QC", "QC_SHAPE", "BatchNorm", "Conv", "Network", "Robust", "UNet", "conv_flops",
+           "network", "per_voxel_flop", "weight_shapes"]
 BN_KINDS = ("gamma", "beta", "moving_mean", "moving_variance")
+QC_SHAPE = 224  # the QC network's input grid: the segmentation cropped or padded to 224^3 around its foreground
 
 
 @dataclass(frozen=True)

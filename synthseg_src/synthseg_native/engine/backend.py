@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import MemoryShortage
 from . import architecture as arch
-from .runtime import Runtime
+from .runtime import DeviceMemory, Runtime
 
 Tensor = Any                   # the backend's own array type
 Slab = tuple[int, int, Any]    # rows [x0, x1) along X of a network output, in the backend's own layout
@@ -97,5 +97,8 @@ class Backend(Protocol):
     def score(self, net: Any, groups: np.ndarray) -> np.ndarray:
         """The QC network on its one-hot structure groups (1, 224, 224, 224, groups), in float32."""
 
-    def device_memory(self) -> tuple[float | None, str] | None:
-        """A GPU's free memory now and its name (an image's memory budget); None: the host's memory."""
+    def device_memory(self) -> DeviceMemory | None:
+        """A GPU's memory (an image's budget, whether it is the host's, its per-tensor limit); None: the host's."""
+
+    def cpu_twin(self) -> Backend:
+        """The same backend on the CPU, for the device self-check (``engine.selfcheck``); itself when on the CPU."""

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import architecture as arch
 from . import labels as L
-
-QC_SHAPE = 224
 
 
 def parc_input(image: np.ndarray, cortex: np.ndarray) -> np.ndarray:
@@ -28,7 +27,7 @@ def qc_lut(label_set: L.LabelSet) -> np.ndarray:
     return label_set.qc_groups.astype(np.int32)
 
 
-def make_shape(channels: np.ndarray, target: int = QC_SHAPE) -> np.ndarray:
+def make_shape(channels: np.ndarray, target: int = arch.QC_SHAPE) -> np.ndarray:
     """Crop/pad a channel-index map to ``target``³ around its foreground, like upstream's MakeShape.
 
     Upstream's foreground test compares channel *indices* with 0 and 24 (it meant label 24, CSF,
@@ -54,8 +53,8 @@ def make_shape(channels: np.ndarray, target: int = QC_SHAPE) -> np.ndarray:
 
 
 def qc_input(seg_channels: np.ndarray, label_set: L.LabelSet) -> np.ndarray:
-    """(1, 224, 224, 224, n_groups) one-hot of QC structure groups (``QC_SHAPE`` read at call time)."""
-    cropped = make_shape(seg_channels, QC_SHAPE)
+    """(1, 224, 224, 224, n_groups) one-hot of QC structure groups (``architecture.QC_SHAPE``, read at call time)."""
+    cropped = make_shape(seg_channels, arch.QC_SHAPE)
     groups = qc_lut(label_set)[cropped]
     n_groups = len(np.unique(label_set.qc_groups))
     return np.eye(n_groups, dtype=np.float32)[groups][np.newaxis]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,11 @@ from ..config import GRID_STEP, round_up
 from ..config.sizes import GB, format_size
 from ..errors import MemoryShortage
 from ..io.images import ImageInfo
+from . import architecture as arch
+from . import labels as L
 from . import machine
 from . import tiling as tiling_
+from .runtime import DeviceMemory
 from .spec import ModelSpec
 
 ENV_OVERRIDE = "SYNTHSEG_MEMORY_GB"
@@ -62,11 +66,37 @@ FULL_PER_VOXEL_QC = 4.0      # the stitched hard decision the QC network scores 
 # networks hold on the device, from the tensors the slab-streamed U-Net keeps (backends/torch/stream.py): the input
 # and its flipped copy, the full-resolution skip (24 float32), the half-resolution one, the posteriors (33 float32)
 # and the windows of 32 rows in flight, rounded up by a third. Not a fit: scripts/gpu_check.sh measures the peak
-# (docs/performance.md). Host memory still holds the posteriors and post-processing (the host check is separate).
+# (docs/performance.md). The parcellation and QC figures are derived from the tensors they hold (below). On a GPU
+# that shares the host's memory (Apple silicon) the host's part of the run (posteriors, post-processing) is checked
+# against the host's memory too.
 DEVICE_BASE_BYTES = 0.6 * GB
 DEVICE_PER_VOXEL = {"default": 400.0, "fast": 400.0, "robust": 450.0}
-DEVICE_PER_VOXEL_PARC = 420.0   # its posteriors (69 float32) and its own skips
-DEVICE_QC_BYTES = 3.0 * GB      # the QC network on its fixed 224^3 grid, run whole
+
+
+def device_per_voxel_parc() -> float:
+    """Device bytes per voxel of the parcellation, from what it holds at once: its input (the image and a two-channel
+    one-hot), its full- and half-resolution skips, and its posteriors, all float32 (4 * (3 + 24 + 48/8 + 69))."""
+    net = arch.network("parc", L.LabelSet.build(False))
+    assert isinstance(net, arch.UNet)
+    return 4.0 * (net.c_in + net.features(0) + net.features(1) / 8 + net.n_labels)
+
+
+def device_qc_bytes() -> float:
+    """Device bytes of the QC network on its fixed 224^3 grid, run whole: the one-hot input and the four maps of its
+    first level alive at once (two convolutions, the expanded shortcut, their sum), float32."""
+    net = arch.network("qc", L.LabelSet.build(False))
+    assert isinstance(net, arch.QC)
+    return 4.0 * arch.QC_SHAPE ** 3 * (net.n_groups + 4 * net.features(0))
+
+
+def largest_device_tensor(grid: tuple[int, ...], spec: ModelSpec) -> float:
+    """Bytes of the largest single tensor a run holds on the device for a network grid: the posteriors of every
+    channel (float32; the parcellation's 69 with --parc), larger than any window of the streamed U-Net and than the
+    QC network's maps (1.1 GB at most)."""
+    channels = len(L.LabelSet.build(spec.v1).labels)
+    if spec.parc:
+        channels = max(channels, len(L.parcellation_labels()))
+    return 4.0 * math.prod(grid[:3]) * channels
 
 
 @dataclass
@@ -85,6 +115,7 @@ class Decision:
     tiling: tiling_.Tiling | None = None
     tiled_need: float | None = None  # bytes, estimated peak of the tiled run
     forced: bool = False             # the tiles come from $SYNTHSEG_TILES, not from the budget
+    tensor_cap: float | None = None  # set when tiles were needed because one device tensor would exceed this
 
 
 def network_grid(info: ImageInfo, crop: tuple[int, ...] | list[int] | None) -> tuple[int, int, int]:
@@ -106,8 +137,8 @@ def estimate(info: ImageInfo, spec: ModelSpec, gpu: bool = False) -> Estimate:
     voxels = float(grid[0] * grid[1] * grid[2])
     mode = _mode(spec)
     if gpu:
-        per_voxel = DEVICE_PER_VOXEL[mode] + (DEVICE_PER_VOXEL_PARC if spec.parc else 0.0)
-        return Estimate(grid, DEVICE_BASE_BYTES + per_voxel * voxels + (DEVICE_QC_BYTES if spec.qc else 0.0))
+        per_voxel = DEVICE_PER_VOXEL[mode] + (device_per_voxel_parc() if spec.parc else 0.0)
+        return Estimate(grid, DEVICE_BASE_BYTES + per_voxel * voxels + (device_qc_bytes() if spec.qc else 0.0))
     per_voxel = PER_VOXEL[mode] + (PER_VOXEL_PARC if spec.parc else 0.0)
     need = (BASE_BYTES + per_voxel * voxels + (QC_BYTES if spec.qc else 0.0)
             + _input_bytes(info))
@@ -120,8 +151,8 @@ def tiled_need(info: ImageInfo, tiling: tiling_.Tiling, spec: ModelSpec, gpu: bo
     mode = _mode(spec)
     tile, grid = float(math.prod(tiling.tile_shape)), float(math.prod(tiling.grid))
     if gpu:
-        per_voxel = DEVICE_PER_VOXEL[mode] + (DEVICE_PER_VOXEL_PARC if spec.parc else 0.0)
-        return DEVICE_BASE_BYTES + per_voxel * tile + (DEVICE_QC_BYTES if spec.qc else 0.0)
+        per_voxel = DEVICE_PER_VOXEL[mode] + (device_per_voxel_parc() if spec.parc else 0.0)
+        return DEVICE_BASE_BYTES + per_voxel * tile + (device_qc_bytes() if spec.qc else 0.0)
     per_tile = PER_VOXEL[mode] + (PER_VOXEL_PARC if spec.parc else 0.0)
     return (BASE_BYTES + per_tile * tile + _per_grid_voxel(spec) * grid + (QC_BYTES if spec.qc else 0.0)
             + _input_bytes(info))
@@ -229,29 +260,51 @@ def budget(max_memory: float | None) -> tuple[float | None, str]:
     return available()
 
 
-def decide(path: str, info: ImageInfo, spec: ModelSpec, device: tuple[float | None, str] | None = None) -> Decision:
+def host_share(info: ImageInfo, spec: ModelSpec) -> float:
+    """Host bytes of a GPU run: the process, the input's copies, and what stays proportional to the whole grid after
+    the network (downloaded posteriors, post-processing)."""
+    grid = float(math.prod(network_grid(info, spec.crop)))
+    return BASE_BYTES + _per_grid_voxel(spec) * grid + _input_bytes(info)
+
+
+def decide(path: str, info: ImageInfo, spec: ModelSpec, device: DeviceMemory | None = None) -> Decision:
     """Untiled when the estimate fits the budget (``spec.max_memory``, else the memory available), else the fewest
     tiles that fit; :class:`MemoryShortage` when even the smallest tiles do not.
 
-    ``device``: a GPU's free memory and its name; the budget is then that memory (or ``--max-memory``) and
-    the estimate the device's share of the run.
+    ``device``: a GPU's memory; the budget is then its free memory (or ``--max-memory``) and the estimate the
+    device's share of the run. A GPU that shares the host's memory (``unified``) gets no more than the host has left
+    after the run's host share; one with a per-tensor limit (MPS) runs in tiles small enough for its largest tensor.
     """
     gpu = device is not None
     if gpu and spec.max_memory is None:
         assert device is not None
-        room, where = device
+        room, where = device.free, device.where
+        if device.unified:
+            host, host_where = available()
+            if host is not None and (room is None or host - host_share(info, spec) < room):
+                room = host - host_share(info, spec)
+                where = f"{host_where} less the run's host share, which the GPU shares"
     else:
         room, where = budget(spec.max_memory)
     est = estimate(info, spec, gpu)
+    cap = device.tensor_cap if device is not None else None
+
+    def over_cap(grid: tuple[int, ...]) -> bool:
+        return cap is not None and largest_device_tensor(grid, spec) > cap
+
     forced = os.environ.get(ENV_TILES)
     if forced:
         tiles = _forced_tiles(forced, est.grid)
         return Decision(est, room, where, tiles, tiled_need(info, tiles, spec, gpu), forced=True)
-    if room is None or est.need <= room:
+    if not over_cap(est.grid) and (room is None or est.need <= room):
         return Decision(est, room, where)
-    tiled = tiling_.choose(est.grid, lambda t: tiled_need(info, t, spec, gpu), room)
+
+    def need(t: tiling_.Tiling) -> float:
+        return math.inf if over_cap(t.tile_shape) else tiled_need(info, t, spec, gpu)
+
+    tiled = tiling_.choose(est.grid, need, sys.float_info.max if room is None else room)  # inf: over the cap
     if tiled is not None:
-        return Decision(est, room, where, tiled, tiled_need(info, tiled, spec, gpu))
+        return Decision(est, room, where, tiled, need(tiled), tensor_cap=cap if over_cap(est.grid) else None)
     grid = "x".join(map(str, est.grid))
     tiles = ""
     if len(tiling_.candidates(est.grid)) > 1:
@@ -259,6 +312,9 @@ def decide(path: str, info: ImageInfo, spec: ModelSpec, device: tuple[float | No
         tiles = (f"; about {format_size(tiled_need(info, least, spec, gpu))} even in tiles of "
                  f"{'x'.join(map(str, least.tile_shape))}")
     hint = "use --crop (e.g. --crop 160) to segment a centred patch" if spec.crop is None else "use a smaller --crop"
+    if room is None:  # only the per-tensor limit stands in the way
+        raise MemoryShortage(f"{path}: its posteriors ({format_size(largest_device_tensor(est.grid, spec))}) exceed "
+                             f"the GPU's limit of {format_size(cap or 0)} per tensor even in tiles; {hint}")
     override = "raise --max-memory" if spec.max_memory is not None else f"set {ENV_OVERRIDE} to override this " \
         "estimate (0 turns the check off)"
     raise MemoryShortage(

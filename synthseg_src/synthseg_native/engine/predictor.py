@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,10 @@ import numpy as np
 from ..config import Options
 from ..errors import UsageError
 from . import architecture as arch
-from . import heads, tiling
+from . import heads, selfcheck, tiling
 from . import labels as L
 from .backend import Backend, Tensor
-from .runtime import Runtime, Timings
+from .runtime import DeviceMemory, Runtime, Timings
 from .spec import ModelSpec
 from .weights import checked as checked_weights
 from .weights import file_sha256, is_test_weights, model_files, read_weights
@@ -74,7 +75,7 @@ class Predictor:
             total += arch.conv_flops(self.architectures["parc"], grid)
         return total
 
-    def device_memory(self) -> tuple[float | None, str] | None:
+    def device_memory(self) -> DeviceMemory | None:
         """A GPU's free memory and its name (the budget of the next image); None: the host's memory."""
         return self.backend.device_memory()
 
@@ -200,17 +201,24 @@ def prepare(debug: bool = False, backend: str = "tf") -> None:
 
 def start(spec: ModelSpec) -> Backend:
     """The backend ``spec.backend`` names, started: devices, threads and precision for this process, before its
-    first operation (heavy: imports its framework)."""
+    first operation (heavy: imports its framework). A GPU is used only after its self-check against the CPU passed
+    (``engine.selfcheck``; cached)."""
     if spec.backend == "torch":
         from .backends.torch import backend as torch_backend  # heavy: imports PyTorch
 
-        return torch_backend.start(spec)
-    if not installed("tensorflow"):
-        raise UsageError(f"the tf backend needs TensorFlow, which this environment lacks: {INSTALL_TF}; or use "
-                         "--backend torch (or auto)")
-    from .backends.tf import backend as tf_backend  # heavy: imports TensorFlow
+        backend: Backend = torch_backend.start(spec)
+    else:
+        if not installed("tensorflow"):
+            raise UsageError(f"the tf backend needs TensorFlow, which this environment lacks: {INSTALL_TF}; or use "
+                             "--backend torch (or auto)")
+        from .backends.tf import backend as tf_backend  # heavy: imports TensorFlow
 
-    return tf_backend.start(spec)
+        backend = tf_backend.start(spec)
+    if backend.runtime.device_kind == "cpu" or spec.device_check == "off":
+        return backend
+    if selfcheck.trusted(backend, backend.cpu_twin(), spec.device_check):
+        return backend
+    return start(replace(spec, device="cpu"))  # --device-check cpu: the GPU failed its check
 
 
 def load(spec: ModelSpec, timings: Timings, backend: Backend | None = None) -> Predictor:

@@ -30,13 +30,25 @@ class Timings:
 
 @dataclass(frozen=True)
 class Runtime:
-    """How the backend runs in this process: threads in effect, the device's name, the precision granted, and for
-    a GPU the memory that bounds an image (``memory.decide``)."""
+    """How the backend runs in this process: threads in effect, the device's name, the precision granted, where the
+    networks' tensors live, and the framework's version (for messages and the device self-check's cache)."""
 
     threads: int
     device: str
     precision: str
     backend: str = "tf"
     device_kind: str = "cpu"                 # "cpu", "cuda", "mps": where the networks' tensors live
-    device_memory: float | None = None       # bytes free on a GPU (its memory is the budget); None: host memory
-    device_memory_source: str = "host memory"
+    framework: str = ""                      # e.g. "PyTorch 2.13.0", "TensorFlow 2.15.1"
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What bounds an image on a GPU (``engine.memory.decide``): the memory the networks may still use there, where
+    that figure came from, whether the GPU shares the host's memory (Apple silicon: the host's part of the run then
+    comes out of the same memory), and the largest single tensor the device can hold (MPS: arrays over 2^32 bytes or
+    2^31 elements fail)."""
+
+    free: float | None
+    where: str
+    unified: bool = False
+    tensor_cap: float | None = None

@@ -97,7 +97,7 @@ def run_network(predictor: Predictor, spec: ModelSpec, prep: Prepared, name: str
         post_seg, post_parc, qc_scores = predictor.predict(prep.image)
     t2 = time.perf_counter()
     timings.add("network", t2 - t1)
-    if spec.profile:  # counting the FLOP count is not network time: it happens after the stage's clock stopped
+    if spec.profile:  # counted after the stage's clock stopped: not network time
         if tiles is None:
             timings.network_flop += predictor.network_flop(prep.image.shape[1:])
         else:
@@ -131,6 +131,9 @@ def tiling_note(name: str, decision: memory.Decision, tiles: tiling.Tiling) -> s
     assert decision.tiled_need is not None
     if decision.forced:
         why = f"${memory.ENV_TILES} asks for tiles (untiled estimate {format_size(est.need)})"
+    elif decision.tensor_cap is not None:
+        why = (f"its posteriors on network grid {'x'.join(map(str, est.grid))} would exceed the GPU's limit of "
+               f"{format_size(decision.tensor_cap)} per tensor")
     else:
         assert decision.budget is not None
         why = (f"estimated {format_size(est.need)} for network grid {'x'.join(map(str, est.grid))} exceeds "

@@ -35,6 +35,7 @@ class ModelSpec:
     threads: int | None                 # None: all cores
     models: str | None                  # an explicit weights folder (the only one searched), or None
     max_memory: float | None            # bytes; None: the memory available
+    device_check: str = "error"         # error, cpu, off: what a GPU's failed self-check does (engine.selfcheck)
     profile: bool = False
     debug: bool = False
 
@@ -57,4 +58,4 @@ class ModelSpec:
         return cls(model=o.segmentation_model, v1=o.v1, robust=o.robust, fast=o.fast, parc=o.parc, qc=bool(o.qc),
                    ct=o.ct, crop=crop, keepgeom=o.keepgeom, backend=o.backend, device=o.device, bn=o.bn,  # type: ignore[arg-type]
                    precision=o.precision, threads=o.threads, models=o.models, max_memory=o.max_memory_bytes,
-                   profile=o.profile, debug=o.debug)
+                   device_check=o.device_check, profile=o.profile, debug=o.debug)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +22,7 @@ import tensorflow as tf
 from ....errors import UsageError
 from ... import architecture as arch
 from ...backend import SIGMA_POSTERIORS, Slab, out_of_memory
-from ...runtime import Runtime
+from ...runtime import DeviceMemory, Runtime
 from ...spec import ModelSpec
 from . import devices, network
 from .blur import ChannelBlur, blur_average_flipped, blurred_slabs
@@ -52,7 +53,8 @@ def start(spec: ModelSpec) -> TFBackend:
     device = devices.network_device()
     bn = spec.bn if spec.bn != "auto" else ("unfused" if devices.is_metal_gpu() else "fused")
     runtime = Runtime(threads=threads, device=device, precision=precision, backend="tf",
-                      device_kind="cpu" if device.startswith("CPU") else ("mps" if devices.is_metal_gpu() else "cuda"))
+                      device_kind="cpu" if device.startswith("CPU") else ("mps" if devices.is_metal_gpu() else "cuda"),
+                      framework=devices.framework())
     return TFBackend(runtime, bn)
 
 
@@ -61,17 +63,20 @@ class TFBackend:
 
     name = "tf"
 
-    def __init__(self, runtime: Runtime, bn: str):
-        self.runtime, self.bn = runtime, bn
+    def __init__(self, runtime: Runtime, bn: str, scope: str | None = None):
+        self.runtime, self.bn, self.scope = runtime, bn, scope  # scope: a device to pin everything to ("/CPU:0")
         self._blur: ChannelBlur | None = None
         self._argmax: network.Argmax | None = None
+
+    def _placed(self) -> contextlib.AbstractContextManager:
+        return tf.device(self.scope) if self.scope else contextlib.nullcontext()
 
     def build(self, net: arch.Network, arrays: dict[str, dict[str, np.ndarray]]) -> Any:
         """Every network in the BatchNorm form the device needs; the segmentation and parcellation networks in the
         run's precision (the QC network stays float32, as its scores are printed to four decimals). A plain U-Net
         runs staged; the robust cascade as one Keras graph."""
         precision = "fp32" if isinstance(net, arch.QC) else self.runtime.precision
-        with batchnorm_form(self.bn), precision_policy(precision):
+        with self._placed(), batchnorm_form(self.bn), precision_policy(precision):
             model = network.keras_model(net)
             assign(model, arrays)
             if isinstance(net, arch.UNet):
@@ -81,7 +86,8 @@ class TFBackend:
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         try:
-            yield
+            with self._placed():
+                yield
         except tf.errors.ResourceExhaustedError as exc:
             raise out_of_memory(str(exc)) from exc
 
@@ -133,9 +139,17 @@ class TFBackend:
     def score(self, net: tf.keras.Model, groups: np.ndarray) -> np.ndarray:
         return net.predict(groups, verbose=0)
 
-    def device_memory(self) -> tuple[float | None, str] | None:
+    def device_memory(self) -> DeviceMemory | None:
         """None: the host's memory bounds a TensorFlow run (its GPU memory use is not modelled)."""
         return None
+
+    def cpu_twin(self) -> TFBackend:
+        """The networks pinned to the CPU in this process (TensorFlow picks the GPU by default), in fused BatchNorm."""
+        if self.runtime.device_kind == "cpu":
+            return self
+        runtime = Runtime(threads=self.runtime.threads, device=f"CPU ({platform.machine()})", precision="fp32",
+                          backend="tf", framework=self.runtime.framework)
+        return TFBackend(runtime, "fused", scope="/CPU:0")
 
 
 @contextmanager

@@ -120,6 +120,19 @@ def precision_unsupported(precision: str) -> str | None:
     return None
 
 
+def framework() -> str:
+    """TensorFlow's version, and tensorflow-metal's when it is installed (for messages and the self-check's cache)."""
+    import tensorflow as tf
+
+    try:
+        from importlib.metadata import version
+
+        metal = f", tensorflow-metal {version('tensorflow-metal')}"
+    except Exception:  # not installed (anywhere but macOS arm64)
+        metal = ""
+    return f"TensorFlow {tf.__version__}{metal}"
+
+
 def is_metal_gpu() -> bool:
     """True when the GPU TensorFlow would use is Apple's Metal plugin (the engine then unfuses BatchNorm)."""
     import tensorflow as tf
@@ -200,6 +213,40 @@ def keras_probe(device: str) -> tuple[list[str], str]:
         return locals().get("ops", []), _failure(exc)
     finally:
         tf.config.set_soft_device_placement(soft)
+
+
+def run_ops(device: str, inputs: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray | None, str]]:
+    """Every op type of SynthSeg's networks on ``device`` (``/GPU:0``, ``/CPU:0``; ``make doctor``'s probe), with soft
+    placement off: the result as numpy and where it ran (or why it failed). ``inputs``: channels-last float32
+    arrays (x, kernel, bias, gamma, beta, mean, var)."""
+    import tensorflow as tf
+
+    found: dict[str, tuple[np.ndarray | None, str]] = {}
+    soft = tf.config.get_soft_device_placement()
+    tf.config.set_soft_device_placement(False)
+    try:
+        with tf.device(device):
+            x = tf.constant(inputs["x"])
+            ops = {
+                "Conv3D": lambda: tf.nn.bias_add(tf.nn.conv3d(x, inputs["kernel"], [1] * 5, "SAME"), inputs["bias"]),
+                "MaxPool3D": lambda: tf.nn.max_pool3d(x, 2, 2, "SAME"),
+                "UpSampling3D (nearest)": lambda: tf.keras.layers.UpSampling3D(2)(x),
+                "Concatenate": lambda: tf.concat([x, 2 * x], axis=-1),
+                "ELU": lambda: tf.nn.elu(x - 0.5),
+                "Softmax": lambda: tf.nn.softmax(x, axis=-1),
+                "Argmax/one-hot": lambda: tf.one_hot(tf.argmax(x, axis=-1), x.shape[-1]),
+                "BatchNorm (inference)": lambda: tf.nn.batch_normalization(x, inputs["mean"], inputs["var"],
+                                                                           inputs["beta"], inputs["gamma"], 1e-3),
+            }
+            for name, op in ops.items():
+                try:
+                    out = op()
+                    found[name] = (out.numpy(), out.device or device)
+                except Exception as exc:  # an op the device lacks: report it, do not crash the doctor
+                    found[name] = (None, _failure(exc))
+    finally:
+        tf.config.set_soft_device_placement(soft)
+    return found
 
 
 def _short(where: str) -> str:

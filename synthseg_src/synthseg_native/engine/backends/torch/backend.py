@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ....errors import UsageError
 from ... import architecture as arch
 from ...backend import SIGMA_POSTERIORS, out_of_memory
-from ...runtime import Runtime
+from ...runtime import DeviceMemory, Runtime
 from ...spec import ModelSpec
 from . import devices, network, stream
 from .stream import Slab
@@ -44,9 +44,9 @@ def start(spec: ModelSpec) -> TorchBackend:
         precision = "fp32"
     if device == "cuda":
         devices.set_tf32(precision == "tf32")
-    free, where = devices.free_memory(device)
+    devices.warn_about_fallback(device)
     return TorchBackend(Runtime(threads=threads, device=devices.describe(device), precision=precision,
-                                backend="torch", device_kind=device, device_memory=free, device_memory_source=where))
+                                backend="torch", device_kind=device, framework=f"PyTorch {devices.version()}"))
 
 
 class TorchBackend:
@@ -155,11 +155,15 @@ class TorchBackend:
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):  # QC stays float32
             return net(x).float().cpu().numpy()
 
-    def device_memory(self) -> tuple[float | None, str] | None:
+    def device_memory(self) -> DeviceMemory | None:
         """On CUDA/MPS the device's free memory now (the budget of the next image); None on the CPU."""
-        if self.device.type == "cpu":
-            return None
         return devices.free_memory(self.device.type)
+
+    def cpu_twin(self) -> TorchBackend:
+        if self.device.type == "cpu":
+            return self
+        return TorchBackend(Runtime(threads=self.runtime.threads, device=devices.describe("cpu"), precision="fp32",
+                                    backend="torch", device_kind="cpu", framework=self.runtime.framework))
 
     # -- steps of the primitives ------------------------------------------------------------------
     def _robust(self, model: network.Robust, x: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,20 @@ def with_context(slabs: Iterator[Slab], rows: int = 1) -> Iterator[Window]:
         yield pending[0], pending[1], before, pending[2], None
 
 
+def zero_rows(like: torch.Tensor, rows: int) -> torch.Tensor:
+    """``rows`` rows of zeros shaped, typed and laid out like ``like``'s: a real tensor, not a broadcast view.
+
+    Why not ``F.pad``: Apple's MPS corrupts constant padding of 5-D tensors whose two innermost sizes multiply to
+    65,536 or more (pytorch#194922, silently, fixed after the 2.14 branch cut), which every 256x256 plane of a
+    decoder window hits; and MPS kernels have computed wrong values from strided and broadcast views
+    (pytorch#169342, #180984). Zeros written into their own tensor and joined by ``cat`` are ops MPS gets right."""
+    shape = (like.shape[0], like.shape[1], rows) + tuple(like.shape[3:])
+    return torch.zeros(shape, dtype=like.dtype, device=like.device).contiguous(memory_format=_format(like))
+
+
 def padded(before: torch.Tensor | None, part: torch.Tensor, after: torch.Tensor | None, rows: int) -> torch.Tensor:
     """``part`` joined with its context rows, zero rows standing in for those beyond the volume's ends."""
-    ends = [torch.zeros_like(part[:, :, :1]).expand(-1, -1, rows, -1, -1) if t is None else t for t in (before, after)]
+    ends = [zero_rows(part, rows) if t is None else t for t in (before, after)]
     return torch.cat([ends[0], part, ends[1]], dim=2)
 
 
@@ -86,8 +97,10 @@ def decode(net: UNet, res: int, skip: torch.Tensor, low: torch.Tensor, slab: int
             a, b = max(0, x0 - rows), min(size, x1 + rows)
             up = upsample(low[:, :, a // 2:(b + 1) // 2])[:, :, a % 2:a % 2 + (b - a)]
             window = torch.cat([skip[:, :, a:b], up], dim=1) if net.merges[res] else up
-            if a > x0 - rows or b < x1 + rows:  # zero rows beyond the volume's ends
-                window = F.pad(window, (0, 0, 0, 0, a - (x0 - rows), (x1 + rows) - b))
+            parts = ([zero_rows(window, a - (x0 - rows))] if a > x0 - rows else []) + [window] + (
+                [zero_rows(window, (x1 + rows) - b)] if b < x1 + rows else [])
+            if len(parts) > 1 or not window.is_contiguous(memory_format=_format(window)):
+                window = torch.cat(parts, dim=2)  # zero rows beyond the volume's ends; never a strided view
             yield x0, x1, conv0.rows(window)
 
     for x0, x1, part in conv_stream(conv1, first()):
