@@ -1,14 +1,17 @@
 """Apple GPUs right the first time, checked on Linux: each known MPS / Metal failure has its guard, and each guard a
 test here (the parcellation and QC networks' BatchNorm form: tests/engine/test_network.py).
 
-| risk | guard |
-|---|---|
-| MPS corrupts constant padding of 5-D tensors with a >= 65,536 inner plane (pytorch#194922) | no pad op in the torch path: zeros and cat (stream.zero_rows); traced below on a 256x256 plane |
-| ops missing on MPS in older PyTorch (max_pool3d, upsample_nearest3d native from 2.8) | MPS refused below torch 2.9 (auto: the CPU, with a warning); the traced ops are all MPS-native |
-| CPU fallbacks hidden by PYTORCH_ENABLE_MPS_FALLBACK | a warning at start |
-| OS- or version-dependent wrong values (pytorch#197114, tensorflow#92686) | engine.selfcheck: GPU vs CPU before a GPU is trusted |
-| MPS per-array limits (2^32 bytes, 2^31 elements; pytorch#149325, #143859) | tiles keep the largest device tensor below 2^31 bytes |
-| unified memory | budget = min(Metal's working set - driver's allocation, host available - host share); QC/parc figures derived; peaks sampled |
+- MPS corrupts constant padding of 5-D tensors with a >= 65,536 inner plane (pytorch#194922): no pad op in the torch
+  path (stream.zero_rows and cat), traced below on a 256x256 plane.
+- Ops missing on MPS in older PyTorch (max_pool3d, upsample_nearest3d native from 2.8): MPS refused below torch 2.9
+  (auto: the CPU, with a warning); the traced ops are all MPS-native.
+- CPU fallbacks hidden by PYTORCH_ENABLE_MPS_FALLBACK: a warning at start.
+- OS- or version-dependent wrong values (pytorch#197114, tensorflow#92686): engine.selfcheck, GPU against CPU before a
+  GPU is trusted.
+- MPS per-array limits (2^32 bytes, 2^31 elements; pytorch#149325, #143859): tiles keep the largest device tensor
+  below 2^31 bytes.
+- Unified memory: budget = min(Metal's working set - its driver's allocation, host available - the run's host share);
+  the QC and parcellation figures derived from their tensors; the peak sampled.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_predictor import models  # noqa: E402, F401  (the tiny networks and their weight files)
+
 from synthseg_native.config import Options  # noqa: E402
 from synthseg_native.engine import memory, selfcheck  # noqa: E402
 from synthseg_native.engine import predictor as engine  # noqa: E402
@@ -31,7 +36,6 @@ from synthseg_native.engine.runtime import DeviceMemory, Runtime, Timings  # noq
 from synthseg_native.engine.spec import ModelSpec  # noqa: E402
 from synthseg_native.errors import DeviceError, MemoryShortage  # noqa: E402
 from synthseg_native.io.images import ImageInfo  # noqa: E402
-from test_predictor import models  # noqa: E402, F401  (the tiny networks and their weight files)
 
 # PyTorch ops the predictor may dispatch (as TorchDispatchMode sees them) that run natively on MPS from the floor on.
 MPS_NATIVE = {"add", "add_", "alias", "argmax", "batch_norm", "cat", "clone", "contiguous", "conv3d", "copy_",
