@@ -32,3 +32,9 @@ gpu-check-prepare: $(STAMP) ## Prepare the GPU check here: wheels, MNI152 and CP
 
 gpu-check: ## Run the prepared GPU check (on the GPU machine; DEVICE=cpu tests it here) [SCANS=5 MODES= PRECISIONS=]
 	@bash scripts/gpu_check.sh run
+
+.PHONY: mac-check
+
+mac-check: $(STAMP) ## On a Mac: doctor, then the MNI152 on the CPU and the Apple GPU with each backend, into results/<date>-<host>/mac-check (send it back) [DEVICE= MODES= CROP= THREADS=]
+	@$(PY) -m devtools.maccheck $(if $(DEVICE),--device "$(DEVICE)") $(if $(MODES),--modes $(MODES)) \
+		$(if $(CROP),--crop "$(CROP)") $(if $(THREADS),--threads "$(THREADS)") $(if $(RESULTS),--out "$(RESULTS)")
