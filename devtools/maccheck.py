@@ -142,7 +142,7 @@ def summary_markdown(facts: dict, rows: list[dict], doctor_rc: int) -> str:
     lines += [f"- doctor (op probes and GPU self-check): {'passed' if doctor_rc == 0 else 'FAILED (doctor.txt)'}",
               "", "Each GPU run is compared with the CPU run (the reference) of the same backend and mode.", "",
               "| backend | run | device | mode | wall s | network s | peak RSS GB | GPU peak GB | voxels differ | "
-              "max post diff | max vol diff mm3 | max QC diff |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "max post diff | max vol diff mm3 | max QC diff |", "|---|---|---|---|" + "---:|" * 8]
     for r in rows:
         role = "reference" if r["role"] == "cpu" else "GPU"
         if not r["ok"]:
