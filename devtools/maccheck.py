@@ -11,7 +11,7 @@ tested on Linux but have never run. This check is what a Mac owner runs once:
    and of the volumes (mm3), the QC scores;
 
 and writes ``results/<date>-<host>/mac-check/`` (summary.md, summary.json with the machine's model, macOS and the
-frameworks' versions, each run's log). ``--device cpu`` puts the CPU in the GPU's place: what the tests do on Linux.
+frameworks' versions, each run's log and timings; a few hundred kB: the weights and the compared arrays stay out). ``--device cpu`` puts the CPU in the GPU's place: what the tests do on Linux.
 
     python -m devtools.maccheck [--device mps|cpu] [--modes default parcqc] [--crop N] [--out DIR]
 """
@@ -23,6 +23,7 @@ import datetime as dt
 import importlib.util
 import json
 import logging
+import os
 import platform
 import resource
 import socket
@@ -161,12 +162,13 @@ def check(args: argparse.Namespace) -> int:
     date = dt.date.today().isoformat()
     out = Path(args.out or ROOT / "results" / f"{date}-{socket.gethostname().split('.')[0]}" / "mac-check")
     out.mkdir(parents=True, exist_ok=True)
-    args.image = Path(args.image) if args.image else out / "mni152_t1.nii.gz"
+    args.image = Path(args.image) if args.image else ROOT / "build" / "mac-check" / "mni152_t1.nii.gz"
     if not args.image.is_file() and not mni152_t1(args.image):
         return 1
-    models = args.models
-    if not models:
-        models = str(out / "test-weights")
+    models = args.models or os.environ.get("SYNTHSEG_MODELS")
+    test_weights = not models
+    if test_weights:  # kept out of the folder to send back (the five files are ~250 MB)
+        models = str(ROOT / "build" / "mac-check-weights")
         generate(models, only=sorted({k for m in args.modes for k in KEYS[m]}))
     logger.log(RUN, "synthseg-native-doctor (op probes and the GPU self-check)")
     doctor = subprocess.run([sys.executable, "-m", "synthseg_native.tools.doctor"]
@@ -183,8 +185,10 @@ def check(args: argparse.Namespace) -> int:
             if gpu["ok"] and cpu["ok"]:
                 gpu["agreement"] = agreement(out / f"{backend}-gpu-{mode}", out / f"{backend}-cpu-{mode}")
             rows.append({"backend": backend, "role": "gpu", "target": target, "mode": mode, **gpu})
+            for side in ("cpu", "gpu"):  # compared: the arrays need not travel back, the numbers do
+                (out / f"{backend}-{side}-{mode}" / "result.npz").unlink(missing_ok=True)
     facts = {"date": date, "machine": machine(), "image": str(args.image), "crop": args.crop,
-             "test_weights": not args.models, "doctor_exit": doctor.returncode, "runs": rows}
+             "test_weights": test_weights, "doctor_exit": doctor.returncode, "runs": rows}
     write_text(out / "summary.json", json.dumps(facts, indent=1) + "\n")
     write_text(out / "summary.md", summary_markdown(facts, rows, doctor.returncode))
     failed = [r for r in rows if not r["ok"]]
@@ -198,8 +202,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="the GPU to check: auto (tensorflow-metal for tf, mps for "
                    "torch), mps, or cpu (the CPU standing in for a GPU, as in the tests on Linux)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--image", help="default: nilearn's MNI152 T1, written into the output folder")
-    p.add_argument("--models", help="official weights (default: the seeded test weights)")
+    p.add_argument("--image", help="default: nilearn's MNI152 T1 (written to build/mac-check/)")
+    p.add_argument("--models", help="official weights (default: $SYNTHSEG_MODELS, else the seeded test weights "
+                   "in build/mac-check-weights)")
     p.add_argument("--crop", type=int, help="a centred patch (tests); default: the whole image")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="default: results/<date>-<host>/mac-check")

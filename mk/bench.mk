@@ -35,6 +35,6 @@ gpu-check: ## Run the prepared GPU check (on the GPU machine; DEVICE=cpu tests i
 
 .PHONY: mac-check
 
-mac-check: $(STAMP) ## On a Mac: doctor, then the MNI152 on the CPU and the Apple GPU with each backend, into results/<date>-<host>/mac-check (send it back) [DEVICE= MODES= CROP= THREADS=]
+mac-check: $(STAMP) ## On a Mac: doctor, then the MNI152 on the CPU and the Apple GPU with each backend, into results/<date>-<host>/mac-check (send it back) [DEVICE= MODES= CROP= THREADS= MODELS=]
 	@$(PY) -m devtools.maccheck $(if $(DEVICE),--device "$(DEVICE)") $(if $(MODES),--modes $(MODES)) \
-		$(if $(CROP),--crop "$(CROP)") $(if $(THREADS),--threads "$(THREADS)") $(if $(RESULTS),--out "$(RESULTS)")
+		$(if $(CROP),--crop "$(CROP)") $(if $(THREADS),--threads "$(THREADS)") $(if $(RESULTS),--out "$(RESULTS)") $(if $(MODELS),--models "$(MODELS)")

@@ -27,3 +27,6 @@ def test_mac_check_end_to_end_with_the_cpu_standing_in(weights, tmp_path, monkey
     assert summary["machine"]["torch"].startswith("2.") and summary["machine"]["os"]
     table = (out / "summary.md").read_text()
     assert "| tf | GPU | CPU (x86_64) | default |" in table or "| tf | GPU | CPU (" in table
+    sent = [f for f in out.rglob("*") if f.is_file()]  # the folder to send back: numbers and logs, no arrays
+    assert not [f for f in sent if f.suffix in (".npz", ".h5", ".gz")], sent
+    assert sum(f.stat().st_size for f in sent) < 2_000_000

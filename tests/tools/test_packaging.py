@@ -67,7 +67,7 @@ def test_dependencies_are_declared_and_met(installed, tmp_path):
     base = [re.match(r"[A-Za-z0-9_.-]+", r).group() for r in requires if "extra ==" not in r]
     assert {"numpy", "h5py", "nibabel", "scipy"} <= set(base) and not {"tensorflow", "keras", "torch"} & set(base)
     for pin in ("tensorflow==2.15.1; extra == 'tf'", "keras==2.15.0; extra == 'tf'", "numpy<2; extra == 'tf'",
-                "torch<3,>=2.8; extra == 'torch'"):
+                "torch<3,>=2.9; extra == 'torch'"):
         assert pin in requires, requires
 
 
