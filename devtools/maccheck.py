@@ -11,7 +11,8 @@ tested on Linux but have never run. This check is what a Mac owner runs once:
    and of the volumes (mm3), the QC scores;
 
 and writes ``results/<date>-<host>/mac-check/`` (summary.md, summary.json with the machine's model, macOS and the
-frameworks' versions, each run's log and timings; a few hundred kB: the weights and the compared arrays stay out). ``--device cpu`` puts the CPU in the GPU's place: what the tests do on Linux.
+frameworks' versions, each run's log and timings; a few hundred kB: the weights and the compared arrays stay out).
+``--device cpu`` puts the CPU in the GPU's place: what the tests do on Linux.
 
     python -m devtools.maccheck [--device mps|cpu] [--modes default parcqc] [--crop N] [--out DIR]
 """
