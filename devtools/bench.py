@@ -9,9 +9,11 @@ the machine's conv3d roofline with the same TensorFlow build, and writes everyth
 The default input is the MNI152 T1 inside nilearn, so a fresh machine can run it. Without official
 weights it uses seeded test weights and says so: run time does not depend on the weight values.
 
+``--reference freesurfer`` measures this toolkit's ``mri_synthseg`` against FreeSurfer 8's own (docs/freesurfer.md).
+
 Usage: synthseg-native-bench [--in IMG] [--runs 5] [--warmup 1] [--threads N] [--flags "..."]
-           [--backends "tf torch"] [--precisions "fp32 bf16"] [--no-interleave] [--max-time-ratio R]
-           [--max-rss-ratio R] [--min-agreement PCT]
+           [--backends "tf torch"] [--precisions "fp32 bf16"] [--reference upstream|freesurfer]
+           [--no-interleave] [--max-time-ratio R] [--max-rss-ratio R] [--min-agreement PCT]
        python -m devtools.bench rss --record FILE -- CMD...   (internal: peak RSS of one run)
 """
 
@@ -142,20 +144,44 @@ def native_name(backend: str, precision: str) -> str:
     return "native" + ("" if backend == "tf" else f"-{backend}") + ("" if precision == "fp32" else f"-{precision}")
 
 
+FS_COMMAND = "MRI_SYNTHSEG_FS"  # env: how to run FreeSurfer's own mri_synthseg (default $FREESURFER_HOME/bin/...)
+
+
+def freesurfer_command() -> tuple[list[str] | None, str]:
+    """FreeSurfer 8's ``mri_synthseg`` as a command (``$MRI_SYNTHSEG_FS``, e.g. ``"/fsenv/bin/python
+    /path/mri_synthseg"``, else ``$FREESURFER_HOME/bin/mri_synthseg``), or None and why it cannot run."""
+    home = os.environ.get("FREESURFER_HOME")
+    if not home or not (Path(home) / "models").is_dir():
+        return None, "FREESURFER_HOME is not set or has no models/ folder (FreeSurfer's script reads its weights there)"
+    cmd = shlex.split(os.environ.get(FS_COMMAND) or str(Path(home) / "bin" / "mri_synthseg"))
+    if not cmd or shutil.which(cmd[0]) is None:
+        return None, f"{cmd[0] if cmd else '?'} not found (set ${FS_COMMAND} to the command that runs FreeSurfer's " \
+                     "mri_synthseg)"
+    return cmd, ""
+
+
 def engines(image: Path, flags: list[str], threads: int, models: str, work: Path, python: str,
-            backends: tuple[str, ...] = ("tf",), precisions: tuple[str, ...] = ("fp32",)
-            ) -> tuple[list[Engine], dict[str, str]]:
+            backends: tuple[str, ...] = ("tf",), precisions: tuple[str, ...] = ("fp32",),
+            reference: str = "upstream") -> tuple[list[Engine], dict[str, str]]:
     """The engines that can run here, and a reason for each one that cannot: the native engine once per backend
     and precision (``native`` is the TF backend in fp32, ``native-torch`` the PyTorch one, ``native-bf16`` the TF
-    backend in bf16: all timed in the one run, against the same reference), the upstream reference, Docker."""
+    backend in bf16: all timed in the one run, against the same reference), the reference, Docker.
+
+    ``reference``: ``upstream`` (upstream SynthSeg through ``--engine upstream``) or ``freesurfer`` (FreeSurfer 8's
+    own ``mri_synthseg``, with the weights of ``$FREESURFER_HOME/models``; the native engines are then run as this
+    toolkit's ``mri_synthseg``, its flags and files, on the same weights)."""
     out: list[Engine] = []
     skipped: dict[str, str] = {}
-    base = ["--i", str(image), "--threads", str(threads), "--models", models, *flags]
+    freesurfer = reference == "freesurfer"
+    base = ["--i", str(image), "--threads", str(threads), *flags]
+    program = ["-m", "synthseg_native.mri_synthseg"] if freesurfer else ["-m", "synthseg_native"]
 
-    def cli(name: str, extra: list[str]) -> Engine:
+    def cli(name: str, extra: list[str], command: list[str] | None = None, env: dict[str, str] | None = None
+            ) -> Engine:
         folder = work / "runs" / name
-        return Engine(name, [python, "-m", "synthseg_native", *base, "--o", str(folder / "seg.nii.gz"),
-                             "--vol", str(folder / "vol.csv"), *extra], {}, folder)
+        argv = command or [python, *program, "--models", models]
+        return Engine(name, [*argv, *base, "--o", str(folder / "seg.nii.gz"), "--vol", str(folder / "vol.csv"),
+                             *extra], env or {}, folder)
 
     for backend in backends:
         for precision in precisions:
@@ -168,7 +194,14 @@ def engines(image: Path, flags: list[str], threads: int, models: str, work: Path
             else:
                 out.append(cli(name, ["--backend", backend, "--device", "cpu", *extra]))
     home = os.environ.get("SYNTHSEG_HOME")
-    if not home:
+    if freesurfer:
+        command, why = freesurfer_command()
+        if command is None:
+            skipped["reference"] = why
+        else:  # the same TensorFlow kernels as ours (its Eigen Conv3D crashes on full-size brains on AMD CPUs)
+            onednn = {"TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")}
+            out.append(cli("reference", ["--cpu"], command, onednn))
+    elif not home:
         skipped["reference"] = "SYNTHSEG_HOME is not set (an upstream SynthSeg checkout runs the reference engine)"
     else:
         try:
@@ -176,7 +209,7 @@ def engines(image: Path, flags: list[str], threads: int, models: str, work: Path
             out.append(cli("reference", ["--engine", "upstream"]))
         except UpstreamError as exc:
             skipped["reference"] = str(exc)
-    why = docker_unavailable()
+    why = "the Docker baseline runs upstream's container, not FreeSurfer's" if freesurfer else docker_unavailable()
     if why:
         skipped["baseline"] = why
     else:
@@ -277,7 +310,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp32", help="Precisions of the native engines, e.g. 'fp32 bf16' "
                    "(each backend in each; one that this machine lacks falls back to fp32 with a [WARN], as the "
                    "command line does).")
-    p.add_argument("--models", help="Weights folder (default: the usual search order, else test weights).")
+    p.add_argument("--models", help="Weights folder (default: the usual search order, else test weights; "
+                   "$FREESURFER_HOME/models with --reference freesurfer).")
+    p.add_argument("--reference", choices=("upstream", "freesurfer"), default="upstream",
+                   help="The engine the others are measured against: upstream SynthSeg ($SYNTHSEG_HOME, default) "
+                   "or FreeSurfer 8's mri_synthseg ($MRI_SYNTHSEG_FS or $FREESURFER_HOME/bin/mri_synthseg, weights "
+                   "from $FREESURFER_HOME/models; the native engines then run as this toolkit's mri_synthseg).")
     p.add_argument("--results", help="Report folder (default: results/<date>-<host>/).")
     p.add_argument("--work", help="Scratch folder for inputs, weights and outputs (default: results/tmp/bench).")
     p.add_argument("--no-interleave", action="store_true", help="Time each engine's runs in one block (hyperfine's "
@@ -333,8 +371,10 @@ def bench(args: argparse.Namespace) -> int:
     if not image.is_file() or image_extension(str(image)) is None:
         raise BenchError(f"{image}: not an image file (.nii, .nii.gz or .mgz)")
     threads = args.threads or os.cpu_count() or 1
+    if args.reference == "freesurfer" and not args.models and os.environ.get("FREESURFER_HOME"):
+        args.models = str(Path(os.environ["FREESURFER_HOME"]) / "models")  # the files FreeSurfer's script reads
     models, test_weights = resolve_weights(args.models, flags, work)
-    todo, skipped = engines(image, flags, threads, models, work, python, backends, precisions)
+    todo, skipped = engines(image, flags, threads, models, work, python, backends, precisions, args.reference)
     for name, why in skipped.items():
         logger.log(SKIP, f"{name}: {why}")
     records = {e.name: work / f"rss-{e.name}.jsonl" for e in todo}
@@ -358,6 +398,7 @@ def bench(args: argparse.Namespace) -> int:
     roof = None if args.no_roofline else run_roofline(python, threads, res, args.roofline_size, args.roofline_repeats)
     setup = {"date": dt.date.today().isoformat(), "input": str(image), "flags": flags, "threads": threads,
              "runs": args.runs, "warmup": args.warmup, "interleaved": not args.no_interleave,
+             "reference": args.reference,
              "test_weights": test_weights, "weights": models,
              "commands": cmds}
     write_text(res / "machine.json", json.dumps(facts, indent=2) + "\n")

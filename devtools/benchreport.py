@@ -64,6 +64,9 @@ def summary_markdown(rows: list[dict], skipped: dict[str, str], facts: dict, pro
     lines += [f"Input `{setup['input']}`, flags `{' '.join(setup['flags']) or '(none)'}`, {setup['threads']} "
               f"thread(s), {setup['runs']} timed run(s) after {setup['warmup']} warm-up, {order}, each run into an "
               "emptied output folder.", ""]
+    if setup.get("reference") == "freesurfer":
+        lines += ["Reference: **FreeSurfer 8's own `mri_synthseg`** (weights from `$FREESURFER_HOME/models`); the "
+                  "native engines run as this toolkit's `mri_synthseg` with the same flags and weights.", ""]
     if setup["test_weights"]:
         lines += ["**Weights: seeded random test weights** (`synthseg_native.testweights`). Run time does not "
                   "depend on the weight values; the segmentations are anatomically meaningless.", ""]

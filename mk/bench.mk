@@ -7,7 +7,7 @@ RESULTS ?=
 
 .PHONY: bench roofline profile-layers
 
-bench: $(STAMP) ## hyperfine native vs reference vs Docker, in rounds [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS= BACKENDS="tf torch" PRECISIONS="fp32 bf16" INTERLEAVE=0 MAX_TIME_RATIO= MAX_RSS_RATIO= MIN_AGREEMENT=]
+bench: $(STAMP) ## hyperfine native vs reference vs Docker, in rounds [IN= RUNS=5 WARMUP=1 THREADS= FLAGS= RESULTS= BACKENDS="tf torch" PRECISIONS="fp32 bf16" INTERLEAVE=0 MAX_TIME_RATIO= MAX_RSS_RATIO= MIN_AGREEMENT= REFERENCE=upstream|freesurfer]
 	@$(PY) -m devtools.bench --runs "$(RUNS)" --warmup "$(WARMUP)" $(if $(IN),--in "$(IN)") \
 		$(if $(BACKENDS),--backends "$(BACKENDS)") $(if $(PRECISIONS),--precisions "$(PRECISIONS)") \
 		$(if $(filter 0,$(INTERLEAVE)),--no-interleave) \
@@ -15,7 +15,7 @@ bench: $(STAMP) ## hyperfine native vs reference vs Docker, in rounds [IN= RUNS=
 		$(if $(MAX_RSS_RATIO),--max-rss-ratio "$(MAX_RSS_RATIO)") \
 		$(if $(MIN_AGREEMENT),--min-agreement "$(MIN_AGREEMENT)") \
 		$(if $(THREADS),--threads "$(THREADS)") $(if $(FLAGS),--flags "$(FLAGS)") \
-		$(if $(RESULTS),--results "$(RESULTS)")
+		$(if $(RESULTS),--results "$(RESULTS)") $(if $(REFERENCE),--reference "$(REFERENCE)")
 
 roofline: $(STAMP) ## Conv3D throughput of this machine, fp32 and bf16/fp16 where supported [THREADS= RESULTS=]
 	@$(PY) -m devtools.roofline $(if $(THREADS),--threads "$(THREADS)") \

@@ -105,3 +105,33 @@ def scan_folder(inputs, tmp_path) -> Path:
     for name in ("ras", "las", "lia"):
         shutil.copy(inputs[name], src / inputs[name].name)
     return src
+
+
+def photo_test_models(folder: Path, seg2_file: Path) -> Path:
+    """Photo-SynthSeg's files as FreeSurfer installs them (``synthseg_photo_{both,single}_1.0.h5`` and their label,
+    name and topology lists), made for tests from the 2.0 test weights: FreeSurfer's own lists and weights are not
+    available here. "both": 2.0's layout with 5 neutral entries instead of 19 (so the same 33 labels and flip
+    pairs), the 2.0 weights as they are; "single": the neutral and left entries only, the 2.0 weights with the
+    likelihood layer cut to those 19 labels."""
+    from synthseg_native.engine import labels as L
+    from synthseg_native.engine.weights import read_weights, write_weights
+
+    raw = L.raw_segmentation_labels(False)
+    names, topology = L.raw_segmentation_names(False), L.raw_topology_classes(False)
+    neutral, sided = slice(0, L.PHOTO_NEUTRAL), slice(L.n_neutral(False), None)
+    n_left = (len(raw) - L.n_neutral(False)) // 2
+    left = slice(L.n_neutral(False), L.n_neutral(False) + n_left)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = read_weights(seg2_file)
+    for variant, part in (("both", sided), ("single", left)):
+        lists = {"synthseg_segmentation_labels": np.concatenate([raw[neutral], raw[part]]),
+                 "synthseg_segmentation_names": np.concatenate([names[neutral], names[part]]),
+                 "synthseg_topological_classes": np.concatenate([topology[neutral], topology[part]])}
+        for stem, values in lists.items():
+            np.save(folder / f"{stem}_photo_{variant}_1.0.npy", values)
+        keep = np.isin(np.unique(raw), lists["synthseg_segmentation_labels"])
+        cut = dict(layers)
+        cut["unet_likelihood"] = {"kernel": layers["unet_likelihood"]["kernel"][..., keep],
+                                  "bias": layers["unet_likelihood"]["bias"][keep]}
+        write_weights(folder / f"synthseg_photo_{variant}_1.0.h5", cut, test_seed=0)
+    return folder

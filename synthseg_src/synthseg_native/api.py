@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Union
 
 import nibabel as nib
@@ -42,7 +43,8 @@ from .engine.spec import ModelSpec
 from .engine.weights import MODEL_FILES, locate
 from .errors import OutputError, UsageError
 from .io import colours
-from .io.atomic import write_text
+from .io.atomic import image_extension, write_text
+from .io.freesurfer import LookupTable, nifti_image, save_like_surfa, surfa_volume
 from .io.images import as_nifti, from_nibabel, image_info, load_image, peek_image, save_nifti
 from .reference.upstream import run_upstream
 
@@ -67,6 +69,20 @@ class ImageResult:
     qc: dict[str, float] | None = None
     resampled: nib.Nifti1Image | None = None   # the input at 1 mm, when it had to be resampled
     timings: dict[str, float] = field(default_factory=dict)
+    freesurfer: FreeSurferWrite | None = field(default=None, repr=False)  # --keepgeom/--addctab: how to write it
+
+
+@dataclass
+class FreeSurferWrite:
+    """What FreeSurfer 8's writer needs to write a segmentation with ``--keepgeom``/``--addctab`` (``io.freesurfer``):
+    the image its nibabel step saves (1 mm grid, the input's header), the input image, and the table to embed. The
+    output's extension matters (an .mgz goes through nibabel's MGH conversion first), so the file is made when the
+    name is known: :func:`save`."""
+
+    written: nib.Nifti1Image
+    source: nib.spatialimages.SpatialImage
+    keepgeom: bool
+    lut: LookupTable | None
 
 
 @dataclass
@@ -125,7 +141,8 @@ def segment(input: ImageInput, output: str | os.PathLike | None = None, **option
         with Segmenter(**options, **({"qc": True} if files.get("qc") else {})) as seg:
             image = seg.segment_image(input, posteriors=bool(files.get("post")))
             written = {k: v for k, v in files.items() if k in IMAGE_FILES and v is not None}
-            save(image, output, addctab=seg.options.addctab, parc=seg.options.parc, **written)
+            save(image, output, addctab=seg.options.addctab, parc=seg.options.parc,
+                 conventions=seg.options.conventions, **written)
         made = {"post": image.posteriors, "resample": image.resampled, "qc": image.qc, "vol": image.volumes}
         outputs = [os.fspath(p) for p in (output, *(v for k, v in written.items() if made[k] is not None))
                    if p is not None]
@@ -170,7 +187,10 @@ def _announce(opts: Options, runtime: engine.Runtime, images: int | None, reason
     """The run's first [INFO] line: model, engine and backend (and why, when ``--backend auto`` chose it), threads,
     device, and the weights folder in use (and why it was searched), so a run on other weights than meant shows."""
     count = "" if images is None else f"{images} image(s), "
-    folder, why = locate(MODEL_FILES[opts.segmentation_model], opts.models)
+    if opts.model:
+        folder, why = Path(opts.model), "--model"
+    else:
+        folder, why = locate(MODEL_FILES[opts.segmentation_model], opts.models, opts.conventions == "freesurfer")
     logger.info(f"{_version(opts)}, native engine ({runtime.backend} backend{', ' + reason if reason else ''}), "
                 f"{count}{runtime.threads} thread(s), device {runtime.device}, weights {folder.parent} ({why})")
 
@@ -214,6 +234,7 @@ class Segmenter:
         self.predictor = engine.load(self.spec, self.timings, backend)
         self.labels = self.predictor.labels
         self._columns = V.volume_columns(self.labels, self.options.parc)
+        self._lut = runner.embedded_table(self.options)
 
     def __enter__(self) -> Segmenter:
         return self
@@ -268,9 +289,16 @@ class Segmenter:
         qc = None
         if result.qc_scores is not None:
             qc = V.as_dict(V.qc_columns(self.labels), V.qc_row("", result.qc_scores))
+        labels = as_nifti(result.labels, result.affine, result.header, dtype="int32")
+        fs = None
+        if self.options.keepgeom or self.options.addctab:
+            assert loaded.source is not None
+            fs = FreeSurferWrite(labels, loaded.source, self.options.keepgeom, self._lut)
+            labels = nifti_image(surfa_volume(labels, f"{label}.nii.gz", loaded.source, fs.keepgeom, fs.lut))
         return ImageResult(
             name=label,
-            labels=as_nifti(result.labels, result.affine, result.header, dtype="int32"),
+            labels=labels,
+            freesurfer=fs,
             volumes=V.as_dict(self._columns, V.volume_row(label, result.volumes)),
             posteriors=None if result.posteriors is None else as_nifti(result.posteriors, result.affine,
                                                                        result.header, dtype="float32"),
@@ -281,14 +309,18 @@ class Segmenter:
 
 def save(image: ImageResult, output: str | os.PathLike | None = None, post: str | None = None,
          resample: str | None = None, vol: str | None = None, qc: str | None = None, addctab: bool = False,
-         parc: bool = False) -> None:
+         parc: bool = False, conventions: str = "upstream") -> None:
     """Write an :class:`ImageResult` as the command line writes one image's files (each atomically);
-    ``addctab``/``parc`` as the Segmenter had them."""
+    ``addctab``/``parc``/``conventions`` as the Segmenter had them."""
     subject = V.subject_name(image.name)
     if output is not None:
-        save_nifti(image.labels, output)
-        if addctab:
-            colours.attach(output, np.asarray(image.labels.dataobj), parc=parc)
+        fs = image.freesurfer
+        if fs is None:
+            save_nifti(image.labels, output)
+        else:
+            save_like_surfa(output, fs.written, fs.source, fs.keepgeom, fs.lut)
+            if addctab and conventions == "upstream" and image_extension(output) != ".mgz":
+                colours.write_sidecar(output, np.asarray(fs.written.dataobj), parc=parc)
     if post is not None and image.posteriors is not None:
         save_nifti(image.posteriors, post)
     if resample is not None and image.resampled is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from types import FrameType
 
@@ -32,8 +33,14 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; SIGTERM (batch schedulers, ``kill``) and SIGHUP (a closed terminal) are turned into
-    exceptions for the duration of the call, so they clean up temporaries and locks like Ctrl-C does."""
+    """Run the command line (:func:`guarded`)."""
+    return guarded(_main, sys.argv[1:] if argv is None else argv)
+
+
+def guarded(body: Callable[[list[str]], int], argv: list[str]) -> int:
+    """``body(argv)`` with SIGTERM (batch schedulers, ``kill``) and SIGHUP (a closed terminal) turned into
+    exceptions for the duration of the call, so they clean up temporaries and locks like Ctrl-C does; an interrupt
+    becomes exit status 128+N after one [ERR] line. Shared by ``synthseg-native`` and ``mri_synthseg``."""
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
@@ -41,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError):  # not the main thread (an embedding application): leave signals alone
             pass
     try:
-        return _main(sys.argv[1:] if argv is None else argv)
+        return body(list(argv))
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         if not getattr(exc, "reported", False):  # the batch loop reports the interrupts it sees itself

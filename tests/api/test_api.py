@@ -4,6 +4,7 @@ segments nibabel images in memory with the CLI's labels and volumes; errors are 
 from __future__ import annotations
 
 import csv
+import gzip
 import shutil
 import subprocess
 import sys
@@ -190,3 +191,32 @@ def test_api_example_in_the_docs_runs(cli_run, inputs, tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(example, "docs/api.md", "exec"), namespace)
     assert (tmp_path / "t1_synthseg.nii.gz").is_file() and (tmp_path / "volumes.csv").is_file()
+
+
+def test_keepgeom_and_addctab_in_memory_and_saved_like_the_cli(cli_run, inputs, tmp_path, monkeypatch):
+    """``Segmenter(keepgeom=True, addctab=True)``: the labels come back on the input's grid with the table in
+    FreeSurfer's header extension, and ``save`` writes the command line's bytes, .mgz included."""
+    from synthseg_native.api import save
+    from synthseg_native.io.freesurfer import read_embedded_lut
+
+    _, models = cli_run
+    monkeypatch.delenv("FREESURFER_HOME", raising=False)
+    cli = tmp_path / "cli"
+    for name in ("seg.nii.gz", "seg.mgz"):
+        assert main(["--i", str(inputs["anatomical"]), "--o", str(cli / name), "--models", str(models), "--threads",
+                     "2", "--keepgeom", "--addctab", *QUICK]) == 0
+    with Segmenter(fast=True, keepgeom=True, addctab=True, models=str(models), threads=2) as seg:
+        image = seg.segment_image(str(inputs["anatomical"]))
+        source = nib.load(str(inputs["anatomical"]))
+        assert image.labels.shape == source.shape and np.allclose(image.labels.affine, source.affine, atol=1e-4)
+        assert np.array_equal(np.asarray(image.labels.dataobj), np.asarray(nib.load(str(cli / "seg.nii.gz")).dataobj))
+        ext = [e for e in image.labels.header.extensions if e.get_code() == 14]
+        assert len(ext) == 1
+        api = tmp_path / "api"
+        api.mkdir()
+        for name in ("seg.nii.gz", "seg.mgz"):
+            save(image, api / name, addctab=True)
+    for name in ("seg.nii.gz", "seg.mgz"):
+        assert gzip.decompress((api / name).read_bytes()) == gzip.decompress((cli / name).read_bytes()), name
+        assert read_embedded_lut(api / name) == read_embedded_lut(cli / name)
+    assert (api / "seg_ctab.txt").read_text() == (cli / "seg_ctab.txt").read_text()

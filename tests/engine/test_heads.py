@@ -6,13 +6,12 @@ import csv
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from engine_fixtures import reference
 from synthseg_native.cli import main
 from synthseg_native.engine import labels as L
 from synthseg_native.engine.heads import make_shape
-from synthseg_native.io import colours
+from synthseg_native.io.freesurfer import read_embedded_lut
 
 
 def run(*args) -> int:
@@ -70,6 +69,8 @@ def test_make_shape_crops_and_pads_around_foreground():
 
 
 def test_keepgeom_returns_the_input_grid(weights, inputs, tmp_path):
+    """FreeSurfer 8's --keepgeom: the segmentation on the input's grid (nearest, as surfa resamples it), the
+    posteriors left on the 1 mm grid, the volumes from the 1 mm posteriors."""
     models = weights.need("seg2")
     plain, kept = tmp_path / "plain", tmp_path / "kept"
     for d, extra in ((plain, []), (kept, ["--keepgeom"])):
@@ -77,34 +78,33 @@ def test_keepgeom_returns_the_input_grid(weights, inputs, tmp_path):
                    "--models", models, "--crop", "64", *extra) == 0
     src = nib.load(str(inputs["aniso"]))
     seg = nib.load(str(kept / "s.nii.gz"))
-    assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
-    post = np.asanyarray(nib.load(str(kept / "p.nii.gz")).dataobj)
-    assert post.shape == (*src.shape, 33)
-    np.testing.assert_allclose(post.sum(-1), 1.0, atol=1e-4)
-    assert set(np.unique(np.asanyarray(seg.dataobj)).tolist()) <= set(
-        np.unique(np.asanyarray(nib.load(str(plain / "s.nii.gz")).dataobj)).tolist())
-    assert (kept / "v.csv").read_text() == (plain / "v.csv").read_text()  # volumes from the 1 mm posteriors
+    assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-4)
+    assert seg.get_data_dtype() == np.dtype("<i4")  # surfa writes native little-endian int32
+    one_mm = np.asanyarray(nib.load(str(plain / "s.nii.gz")).dataobj)
+    kept_seg = np.asanyarray(seg.dataobj)
+    # the 1x1x3 mm input's slices lie on every third 1 mm slice (centred): nearest picks them exactly
+    assert set(np.unique(kept_seg).tolist()) <= set(np.unique(one_mm).tolist())
+    assert (kept / "p.nii.gz").read_bytes() == (plain / "p.nii.gz").read_bytes()  # posteriors untouched
+    assert (kept / "v.csv").read_text() == (plain / "v.csv").read_text()
 
 
-def test_addctab_mgz_embeds_the_table(weights, inputs, tmp_path):
+def test_addctab_mgz_embeds_the_table(weights, inputs, tmp_path, monkeypatch):
+    monkeypatch.delenv("FREESURFER_HOME", raising=False)  # this toolkit's table of the labels
     models = weights.need("seg2")
     plain, ctab = tmp_path / "plain.mgz", tmp_path / "ctab.mgz"
     assert run("--i", inputs["lia"], "--o", plain, "--models", models, "--crop", "64") == 0
     assert run("--i", inputs["lia"], "--o", ctab, "--models", models, "--crop", "64", "--addctab") == 0
     a, b = nib.load(str(plain)), nib.load(str(ctab))
     np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
-    assert np.allclose(a.affine, b.affine)
-    assert colours.read_embedded(plain) is None
-    table = colours.read_embedded(ctab)
-    assert table[17] == ("Left-Hippocampus", 220, 216, 20) and table[0][0] == "Unknown"
+    assert np.allclose(a.affine, b.affine, atol=1e-4)
+    assert read_embedded_lut(plain) is None
+    table = read_embedded_lut(ctab)
+    assert table[17].name == "Left-Hippocampus" and table[17].rgb == (220, 216, 20) and table[0].name == "Unknown"
     assert set(np.unique(np.asanyarray(b.dataobj)).tolist()) <= set(table)
-    surfa = pytest.importorskip("surfa")  # FreeSurfer's own Python reader
-    vol = surfa.load_volume(str(ctab))
-    assert vol.labels[17].name == "Left-Hippocampus"
-    assert list(vol.labels[53].color[:3]) == [220, 216, 20]
 
 
-def test_addctab_nifti_writes_a_sidecar(weights, inputs, tmp_path):
+def test_addctab_nifti_embeds_the_table_and_writes_a_sidecar(weights, inputs, tmp_path, monkeypatch):
+    monkeypatch.delenv("FREESURFER_HOME", raising=False)
     seg = tmp_path / "seg.nii.gz"
     assert run("--i", inputs["ras"], "--o", seg, "--models", weights.need("seg2"), "--crop", "64",
                "--addctab") == 0
@@ -113,13 +113,16 @@ def test_addctab_nifti_writes_a_sidecar(weights, inputs, tmp_path):
     assert lines[0].startswith("#No. Label Name")
     entries = {int(line.split()[0]): line.split()[1:] for line in lines[1:]}
     assert entries[2] == ["Left-Cerebral-White-Matter", "245", "245", "245", "0"]
-    assert set(np.unique(np.asanyarray(nib.load(str(seg)).dataobj)).tolist()) <= set(entries)
+    labels = set(np.unique(np.asanyarray(nib.load(str(seg)).dataobj)).tolist())
+    assert labels <= set(entries)
+    embedded = read_embedded_lut(seg)  # FreeSurfer's NIfTI header extension (code 14), as surfa writes it
+    assert set(embedded) == set(entries) and embedded[2].name == "Left-Cerebral-White-Matter"
 
 
 def test_freesurfer_options_are_refused_for_upstream(inputs, tmp_path, capsys):
     assert main(["--i", str(inputs["ras"]), "--o", str(tmp_path / "s.nii.gz"), "--engine", "upstream",
                  "--keepgeom"]) == 2
-    assert "FreeSurfer 8 options" in capsys.readouterr().err
+    assert "the upstream engine runs upstream SynthSeg, which has none of them" in capsys.readouterr().err
 
 
 def test_folder_batch_with_parcellation(weights, inputs, tmp_path):

@@ -28,7 +28,8 @@ from dataclasses import replace
 import numpy as np
 
 from ..config import Options
-from ..engine import labels as L
+from ..engine.predictor import label_set as run_labels
+from ..engine.spec import ModelSpec
 from ..errors import ProvenanceError, WeightsError
 from ..io.atomic import StagedOutputs, write_text
 from ..log import SKIP
@@ -90,7 +91,7 @@ class Batch:
 
     def __init__(self, opts: Options, plan: Plan):
         self.opts, self.plan = opts, plan
-        label_set = L.LabelSet.build(opts.v1)
+        label_set = run_labels(ModelSpec.of(opts))
         self.headers = {"vol": V.volume_columns(label_set, opts.parc), "qc": V.qc_columns(label_set)}
         self.shared: list[str] = []
         if plan.shared_csv and plan.images:
@@ -260,7 +261,7 @@ def merge_tables(plan: Plan, header: list[str], target: str, n: int) -> int:
 def finish(opts: Options, n: int) -> int:
     """After all shards: one volume/QC table in the full plan's order, and the cohort page."""
     plan = make_plan(opts, shard=False)
-    label_set = L.LabelSet.build(opts.v1)
+    label_set = run_labels(ModelSpec.of(opts))
     if plan.shared_csv:
         for path, header in ((plan.vol[0], V.volume_columns(label_set, opts.parc)),
                              (plan.qc[0], V.qc_columns(label_set))):

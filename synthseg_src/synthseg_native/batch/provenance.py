@@ -76,7 +76,7 @@ def output_paths(args: Options, shared: Collection[str] = ()) -> list[str]:
 
 def weight_files(args: Options) -> list[Path]:
     """The weight files this run reads (the engine's rule: engine.weights.model_files)."""
-    return list(model_files(args.model_keys, args.models).values())
+    return list(model_files(args.model_keys, args.models, args.model, args.conventions == "freesurfer").values())
 
 
 def toolkit() -> dict[str, str]:

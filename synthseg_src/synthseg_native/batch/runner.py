@@ -22,6 +22,8 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +36,9 @@ from ..engine.segment import NetworkOutput, memory_plan
 from ..engine.spec import ModelSpec
 from ..errors import Cancelled, InputError, LockedError, MemoryShortage, WeightsError
 from ..io import colours
-from ..io.atomic import StagedOutputs, check_writable, stale_temps
-from ..io.images import LoadedImage, load_image, peek_image, save_image
+from ..io.atomic import StagedOutputs, check_writable, image_extension, stale_temps
+from ..io.freesurfer import LookupTable, save_like_surfa
+from ..io.images import LoadedImage, as_nifti, load_image, peek_image, save_image
 from ..io.locking import LockSet
 from ..log import DONE, RUN
 from . import pipeline
@@ -158,6 +161,41 @@ def _profile_summary(timings: engine.Timings) -> None:
                     f"{timings.stages['network']:.3f} s = {gflop / timings.stages['network']:.1f} GFLOP/s")
 
 
+def embedded_table(opts: Options) -> LookupTable | None:
+    """``--addctab``'s colour table (None without it), said once in the log: FreeSurfer's whole table, or, where
+    ``$FREESURFER_HOME`` has none, this toolkit's entries (a warning for ``mri_synthseg``, whose users expect
+    FreeSurfer's)."""
+    if not opts.addctab:
+        return None
+    table, what, freesurfers = colours.embedded_table(opts.parc)
+    if not freesurfers and opts.conventions == "freesurfer":
+        logger.warning(f"--addctab: FreeSurferColorLUT.txt not found under $FREESURFER_HOME: embedding {what}")
+    else:
+        logger.info(f"--addctab: embedding {what}")
+    return table
+
+
+def sidecars(seg_path: str, opts: Options) -> list[Path]:
+    """The files written beside a segmentation: synthseg-native's ``_ctab.txt`` for NIfTI with ``--addctab``."""
+    if opts.addctab and opts.conventions == "upstream" and image_extension(seg_path) != ".mgz":
+        return [colours.sidecar_path(seg_path)]
+    return []
+
+
+def write_segmentation(path: str, result: segment.Segmentation, source: Any, opts: Options,
+                       lut: LookupTable | None, stage: StagedOutputs) -> None:
+    """Stage the segmentation file as upstream writes it (nibabel, the input's header, int32), or, with
+    ``--keepgeom``/``--addctab``, as FreeSurfer 8 rewrites it through surfa (the input's grid, FreeSurfer's header
+    extension and colour table: ``io.freesurfer``); and the sidecar table of :func:`sidecars`."""
+    if not (opts.keepgeom or opts.addctab):
+        save_image(result.labels, result.affine, result.header, path, dtype="int32", stage=stage)
+        return
+    written = as_nifti(result.labels, result.affine, result.header, dtype="int32")
+    save_like_surfa(path, written, source, opts.keepgeom, lut, stage)
+    if sidecars(path, opts):
+        colours.write_sidecar(path, result.labels, opts.parc, stage)
+
+
 def describe(exc: BaseException, path: str) -> str:
     """The [ERR] text for a failed image: the input, then the cause (and the way out of a memory shortage: the
     backends turn their frameworks' out-of-memory into :class:`MemoryShortage`, numpy's is turned here)."""
@@ -211,6 +249,7 @@ class ScanSteps:
         self.opts, self.spec, self.plan, self.report, self.batch = opts, spec, plan, report, batch
         self.predictor = predictor
         self.timings, self.vol_table, self.qc_table = timings, vol_table, qc_table
+        self.lut = embedded_table(opts)               # --addctab's colour table, read once
         self.current = 0                              # the scan whose network runs (or ran last)
         self.previous: Job | None = None              # the scan before it, maybe still being finished
         self.checkpoint: Callable[[], None] = lambda: None
@@ -229,7 +268,7 @@ class ScanSteps:
 
     def read(self, job: Job) -> None:
         job.acquire()
-        for out in job.outputs + ([str(colours.sidecar_path(self.plan.seg[job.k]))] if self.opts.addctab else []):
+        for out in job.outputs + [str(p) for p in sidecars(self.plan.seg[job.k], self.opts)]:
             for tmp in stale_temps(out):  # left by a killed run; safe to remove under the lock
                 tmp.unlink(missing_ok=True)
         self.checkpoint()
@@ -297,9 +336,7 @@ class ScanSteps:
         job.net = None
         self.checkpoint()
         t0 = time.perf_counter()
-        save_image(result.labels, result.affine, result.header, plan.seg[k], dtype="int32", stage=stage)
-        if opts.addctab:
-            colours.attach(plan.seg[k], result.labels, parc=opts.parc, stage=stage)
+        write_segmentation(plan.seg[k], result, job.img.source, opts, self.lut, stage)
         if plan.post[k] is not None:
             self.checkpoint()
             save_image(result.posteriors, result.affine, result.header, plan.post[k], dtype="float32", stage=stage)

@@ -24,10 +24,10 @@ def volume_columns(label_set: L.LabelSet, parc: bool) -> list[str]:
         parc_labels, idx = np.unique(L.parcellation_labels(), return_index=True)
         labels = np.concatenate([labels, parc_labels[1:]])
         names = np.concatenate([names, L.parcellation_names()[idx][1:]])
-    if not label_set.v1:
+    if label_set.intracranial:
         labels = np.concatenate([labels, np.array([np.max(labels + 1)])])
         names = np.concatenate([names, np.array(["total intracranial"])])
-    return _header(labels, names, last_first=not label_set.v1)
+    return _header(labels, names, last_first=label_set.intracranial)
 
 
 def qc_columns(label_set: L.LabelSet) -> list[str]:

@@ -28,6 +28,8 @@ BACKENDS = ("tf", "torch", "auto")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_CHECKS = ("error", "cpu", "off")
 ENGINES = ("native", "upstream")
+CONVENTIONS = ("upstream", "freesurfer")
+PHOTO_SIDES = ("left", "right", "both")
 DEFAULT_BIDS_SUFFIXES = ("T1w",)
 
 MODEL, IO, RUN = "model", "io", "run"  # what a field decides: the networks, the files, or how the run behaves
@@ -88,11 +90,28 @@ class Options:
     cpu: bool = _opt(False, "Run on the CPU even if a GPU is available.", MODEL, action="store_true")
     v1: bool = _opt(False, "Use SynthSeg 1.0 instead of 2.0.", MODEL, action="store_true")
     # FreeSurfer 8's mri_synthseg
-    keepgeom: bool = _opt(False, "FreeSurfer 8: write outputs on the input's voxel grid (labels nearest, "
-                          "posteriors linear); volumes still come from the 1 mm posteriors.", MODEL,
+    autocrop: bool = _opt(False, "FreeSurfer 8: analyse only the box around the voxels above the background "
+                          "(after the 1 mm resampling and the rescale; +2 voxels, rounded up to a multiple of 32): "
+                          "less memory and time for large fields of view. Not with --crop.", MODEL,
                           action="store_true")
-    addctab: bool = _opt(False, "FreeSurfer 8: FreeSurfer colours and names for the labels (embedded in .mgz, "
-                         "sidecar <name>_ctab.txt for NIfTI).", MODEL, action="store_true")
+    keepgeom: bool = _opt(False, "FreeSurfer 8: write the segmentation on the input's voxel grid (nearest "
+                          "neighbour, as FreeSurfer's surfa resamples it); posteriors stay on the 1 mm grid and "
+                          "volumes come from the 1 mm posteriors.", MODEL, action="store_true")
+    addctab: bool = _opt(False, "FreeSurfer 8: embed a colour table in the segmentation (.mgz, and NIfTI's "
+                         "FreeSurfer header extension): $FREESURFER_HOME/FreeSurferColorLUT.txt when FREESURFER_HOME "
+                         "is set, else the labels this run can write.", MODEL, action="store_true")
+    photo: str | None = _opt(None, "FreeSurfer 8: Photo-SynthSeg, for a 3D stack of coronal dissection photos of "
+                             "the cerebrum: left, right or both hemispheres (its weights and label lists "
+                             "synthseg_*photo* from the weights folder). Not with --robust, --v1, --ct or --qc.",
+                             MODEL, metavar="{left,right,both}")
+    model: str | None = _opt(None, "FreeSurfer 8: another segmentation model file (.h5) with SynthSeg's "
+                             "architecture, used instead of synthseg_2.0.h5 (or _1.0 with --v1).", MODEL,
+                             metavar="FILE")
+    conventions: str = _opt("upstream", "Whose behaviour to reproduce where upstream SynthSeg and FreeSurfer 8's "
+                            "mri_synthseg differ: upstream, or freesurfer (the mri_synthseg command: unfused "
+                            "BatchNorm by default, the mean of a multi-channel input, FreeSurfer's label lists and "
+                            "colour table from $FREESURFER_HOME; docs/freesurfer.md).", MODEL,
+                            choices=list(CONVENTIONS))
     # this toolkit
     models: str | None = _opt(None, "Folder with the weight files; when given, the only place searched (default: "
                               "$SYNTHSEG_MODELS, ./models, $FREESURFER_HOME/models, $SYNTHSEG_HOME/models).", MODEL)
@@ -147,7 +166,10 @@ class Options:
     # -- derived facts ------------------------------------------------------------------------------
     @property
     def segmentation_model(self) -> str:
-        """Key of the segmentation network's weights (``engine.weights.MODEL_FILES``)."""
+        """Key of the segmentation network's weights (``engine.weights.MODEL_FILES``); FreeSurfer's precedence:
+        --photo, then --robust, then --v1 (``--model FILE`` replaces the file, not the key)."""
+        if self.photo:
+            return "photo_both" if self.photo == "both" else "photo_single"
         return "robust" if self.robust else ("seg1" if self.v1 else "seg2")
 
     @property
@@ -163,9 +185,18 @@ class Options:
     @property
     def version(self) -> str:
         """The model's name as the log lines say it: ``SynthSeg 2.0 (fast)``."""
+        if self.photo:
+            return "Photo-SynthSeg 1.0"
         if self.robust:
             return "SynthSeg-robust 2.0"
+        if self.model:
+            return self.model
         return ("SynthSeg 1.0" if self.v1 else "SynthSeg 2.0") + (" (fast)" if self.fast else "")
+
+    @property
+    def intracranial(self) -> bool:
+        """Whether the volumes carry a "total intracranial" column: SynthSeg 2.0, not 1.0 nor Photo-SynthSeg."""
+        return not self.v1 and not self.photo
 
     # -- upstream's rules and ours -----------------------------------------------------------------
     def normalised(self) -> Options:
@@ -176,14 +207,27 @@ class Options:
         if crop is not None and len(crop) == 1:
             crop = crop * 3
         cpu = self.cpu or self.device == "cpu"
+        bn = "unfused" if self.conventions == "freesurfer" and self.bn == "auto" else self.bn  # as FreeSurfer builds
         return replace(self, fast=self.fast or self.robust, crop=crop, cpu=cpu, device="cpu" if cpu else self.device,
+                       bn=bn, model=os.path.abspath(self.model) if self.model else None,
                        snapshot=os.path.abspath(self.snapshot) if self.snapshot else None,
                        bids_suffix=list(self.bids_suffix), max_memory=str(self.max_memory))
 
     def check(self) -> None:
         """Refuse combinations that cannot work, before anything is loaded (:class:`UsageError`)."""
+        if self.photo is not None:
+            if self.photo not in PHOTO_SIDES:
+                raise UsageError(f"--photo must be left, right or both, not {self.photo!r}")
+            for flag, given in (("--robust", self.robust), ("--v1", self.v1), ("--ct", self.ct), ("--qc", self.qc)):
+                if given:
+                    raise UsageError(f"--photo cannot be used with {flag} (Photo-SynthSeg has no such variant)")
         if self.robust and self.v1:
             raise UsageError("--robust cannot be used with --v1 (SynthSeg-robust only exists for 2.0)")
+        if self.model and (self.photo or self.robust):
+            raise UsageError(f"--model cannot be used with {'--photo' if self.photo else '--robust'}, which has its "
+                             "own model (FreeSurfer's mri_synthseg would ignore --model)")
+        if self.autocrop and self.crop is not None:
+            raise UsageError("--autocrop cannot be used with --crop")
         if self.crop is not None:
             crop = crop_sizes(self.crop)
             if len(crop) not in (1, 3):
@@ -191,12 +235,15 @@ class Options:
             if any(not isinstance(c, (int, np.integer)) or c <= 0 for c in crop):
                 raise UsageError(f"--crop sizes must be positive integers, got {self.crop}")
         for name, allowed in (("bn", BN_FORMS), ("precision", PRECISIONS), ("engine", ENGINES),
-                              ("backend", BACKENDS), ("device", DEVICES), ("device_check", DEVICE_CHECKS)):
+                              ("backend", BACKENDS), ("device", DEVICES), ("device_check", DEVICE_CHECKS),
+                              ("conventions", CONVENTIONS)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         parse_size(self.max_memory)
-        if self.engine == "upstream" and (self.keepgeom or self.addctab):
-            raise UsageError("--keepgeom and --addctab are FreeSurfer 8 options; upstream SynthSeg has neither")
+        if self.engine == "upstream" and (self.keepgeom or self.addctab or self.autocrop or self.photo or self.model
+                                          or self.conventions != "upstream"):
+            raise UsageError("--keepgeom, --addctab, --autocrop, --photo, --model and --conventions freesurfer are "
+                             "FreeSurfer 8's; the upstream engine runs upstream SynthSeg, which has none of them")
         if self.engine == "upstream" and self.precision != "fp32":
             raise UsageError("--precision is a native-engine option; upstream SynthSeg runs in fp32 only")
         if self.engine == "upstream" and (self.backend == "torch" or self.device not in ("auto", "cpu")):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import SizeError, UsageError
 from .options import Options, default
@@ -35,8 +35,12 @@ def _size(text: str) -> str:
     return text
 
 
-def build_parser(prog: str = PROG) -> Parser:
-    p = Parser(prog=prog, description=DESCRIPTION)
+def build_parser(prog: str = PROG, description: str = DESCRIPTION,
+                 defaults: dict[str, tuple[Any, str]] | None = None) -> Parser:
+    """The parser of :class:`Options`; ``defaults`` ({field: (default, help)}) changes a flag's default and help
+    (``mri_synthseg``: FreeSurfer's one thread, its conventions)."""
+    p = Parser(prog=prog, description=description)
+    defaults = defaults or {}
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(Options):
         meta = f.metadata
@@ -46,11 +50,14 @@ def build_parser(prog: str = PROG) -> Parser:
             kwargs["type"] = _size
         if kwargs.get("action") != "store_true":
             kwargs["default"] = default(f.name)
-        target.add_argument(meta["flag"] or f"--{f.name}", dest=f.name, help=meta["help"], **kwargs)
+        text = meta["help"]
+        if f.name in defaults:
+            kwargs["default"], text = defaults[f.name]
+        target.add_argument(meta["flag"] or f"--{f.name}", dest=f.name, help=text, **kwargs)
     return p
 
 
-def parse(argv: list[str], prog: str = PROG) -> Options:
+def parse(argv: list[str], prog: str = PROG, parser: Parser | None = None) -> Options:
     """Options of a command line as given (not yet normalised or checked: :meth:`Options.normalised`,
     :meth:`Options.check`)."""
-    return Options(**vars(build_parser(prog).parse_args(argv)))
+    return Options(**vars((parser or build_parser(prog)).parse_args(argv)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
-from scipy.ndimage import affine_transform, gaussian_filter
+from scipy.ndimage import gaussian_filter
 
 
 def resample_to(volume: np.ndarray, affine: np.ndarray, new_vox_size: np.ndarray
@@ -102,25 +102,3 @@ def centre_pad(volume: np.ndarray, shape: list[int] | np.ndarray) -> tuple[np.nd
         margins = tuple((lo[i], hi[i]) for i in range(3)) + ((0, 0),) * (volume.ndim - 3)
         return np.pad(volume, margins, mode="constant", constant_values=0), idx
     return volume.copy(), np.concatenate([np.zeros(3, dtype=int), vol_shape])
-
-
-def resample_like(volume: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndarray,
-                  order: int) -> np.ndarray:
-    """Sample ``volume`` (on ``affine``'s grid) at every voxel of the target grid (``--keepgeom``).
-
-    ``order`` 0 (nearest) keeps label values intact; 1 (linear) is used for posteriors, channel by
-    channel, which keeps their sum at 1. Points beyond the source grid take the nearest edge value.
-    """
-    m = np.linalg.inv(affine) @ target_affine
-    shape3 = tuple(int(s) for s in shape[:3])
-
-    def one(channel: np.ndarray) -> np.ndarray:
-        return affine_transform(channel, m[:3, :3], offset=m[:3, 3], output_shape=shape3, order=order,
-                                mode="nearest")
-
-    if volume.ndim == 3:
-        return one(volume)
-    out = np.empty(shape3 + volume.shape[3:], dtype=volume.dtype)
-    for c in range(volume.shape[-1]):
-        out[..., c] = one(volume[..., c])
-    return out

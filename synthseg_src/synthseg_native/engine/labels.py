@@ -9,8 +9,11 @@ label numbers; tests check them against upstream's own ``.npy`` tables.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+PHOTO_NEUTRAL = 5  # neutral entries at the head of Photo-SynthSeg's label lists (FreeSurfer 8's n_neutral_labels)
 
 _BG = 0
 # 2.0: 19 neutral entries (background, 3rd/4th ventricle, brain-stem, CSF, padding), 18 left, 18 right.
@@ -135,6 +138,7 @@ class LabelSet:
     qc_groups: np.ndarray       # QC group per channel
     qc_names: np.ndarray
     v1: bool
+    intracranial: bool = True   # volumes end with "total intracranial" (2.0; not 1.0 nor Photo-SynthSeg)
 
     @classmethod
     def build(cls, v1: bool = False) -> LabelSet:
@@ -143,7 +147,28 @@ class LabelSet:
         return cls(labels=labels.astype(np.int32), names=raw_segmentation_names(v1)[idx],
                    topology=raw_topology_classes(v1)[idx],
                    flip=flip_indices(raw, n_neutral(v1)), qc_groups=raw_qc_groups(v1)[idx],
-                   qc_names=raw_qc_names(v1)[idx], v1=v1)
+                   qc_names=raw_qc_names(v1)[idx], v1=v1, intracranial=not v1)
+
+    @classmethod
+    def photo(cls, folder: Path, both: bool) -> LabelSet:
+        """Photo-SynthSeg's labels, from the lists FreeSurfer installs beside its weights
+        (``synthseg_segmentation_labels_photo_{both,single}_1.0.npy``, names, topology classes): their content is
+        FreeSurfer's and is not part of this toolkit. 5 neutral entries; no QC groups (--photo excludes --qc)."""
+        variant = "both" if both else "single"
+        lists = []
+        for stem in ("synthseg_segmentation_labels", "synthseg_segmentation_names", "synthseg_topological_classes"):
+            path = folder / f"{stem}_photo_{variant}_1.0.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: Photo-SynthSeg's label list is missing (FreeSurfer installs it "
+                                        "in $FREESURFER_HOME/models beside synthseg_photo_*.h5)")
+            lists.append(np.load(path))
+        raw, raw_names, raw_topology = lists
+        raw = np.asarray(raw).astype(np.int32)
+        labels, idx = np.unique(raw, return_index=True)
+        return cls(labels=labels.astype(np.int32), names=np.asarray(raw_names)[idx],
+                   topology=np.asarray(raw_topology).astype(np.int32)[idx],
+                   flip=flip_indices(raw, PHOTO_NEUTRAL), qc_groups=np.zeros(len(labels), np.int32),
+                   qc_names=np.array(["background"]), v1=False, intracranial=False)
 
 
 def denoiser_groups() -> np.ndarray:

@@ -34,6 +34,17 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
+def cpu_vendor() -> str:
+    """``/proc/cpuinfo``'s vendor (``GenuineIntel``, ``AuthenticAMD``); empty where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_model() -> str:
     """``lscpu``'s model name, for every results set."""
     try:

@@ -167,10 +167,10 @@ def _argmax_labels(post: np.ndarray, labels: np.ndarray, threads: int) -> np.nda
 def postprocess(post_seg: np.ndarray, post_parc: np.ndarray | None, shape: list[int], pad_idx: np.ndarray,
                 crop_idx: np.ndarray | None, labels: np.ndarray, labels_parc: np.ndarray | None,
                 affine: np.ndarray, resolution: np.ndarray, fast: bool, topology: np.ndarray | None,
-                v1: bool, threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                intracranial: bool, threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The segmentation (int32), posteriors (float32, float64 once a crop is pasted back) and volumes (the CSV's
-    order: 2.0's total intracranial first), in the input's orientation. ``threads``: numpy threads for the
-    per-voxel steps (the results do not depend on it)."""
+    order: 2.0's total intracranial first when ``intracranial``), in the input's orientation. ``threads``: numpy
+    threads for the per-voxel steps (the results do not depend on it)."""
     post = _clean_segmentation(np.squeeze(post_seg), pad_idx, fast, topology, threads)
     seg_patch = _argmax_labels(post, labels.astype("int32"), threads)
 
@@ -197,7 +197,7 @@ def postprocess(post_seg: np.ndarray, post_parc: np.ndarray | None, shape: list[
     posteriors = geometry.align_to(posteriors, np.eye(4), affine)
 
     volumes = np.sum(posteriors[..., 1:], axis=tuple(range(0, len(posteriors.shape) - 1)))
-    if not v1:
+    if intracranial:
         volumes = np.concatenate([np.array([np.sum(volumes)]), volumes])
     if post_parc is not None:
         volumes_parc = np.sum(post_parc[..., 1:], axis=tuple(range(0, len(posteriors.shape) - 1)))

@@ -16,12 +16,13 @@ import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import Options
-from ..errors import UsageError
+from ..errors import UsageError, WeightsError
 from . import architecture as arch
 from . import heads, selfcheck, tiling
 from . import labels as L
@@ -31,8 +32,8 @@ from .spec import ModelSpec
 from .weights import checked as checked_weights
 from .weights import file_sha256, is_test_weights, model_files, read_weights
 
-__all__ = ["Predictor", "Runtime", "Timings", "backend_reason", "installed", "load", "prepare", "resolve_backend",
-           "start"]
+__all__ = ["Predictor", "Runtime", "Timings", "backend_reason", "installed", "label_set", "load", "prepare",
+           "resolve_backend", "start"]
 logger = logging.getLogger(__name__)
 
 INSTALL_TF = "pip install 'synthseg-native[tf]' (TensorFlow 2.15, Python 3.9-3.11: upstream's bytes on the CPU)"
@@ -46,8 +47,8 @@ class Predictor:
     def __init__(self, spec: ModelSpec, backend: Backend, timings: Timings):
         t0 = time.perf_counter()
         self.spec, self.backend = spec, backend
-        self.labels = L.LabelSet.build(spec.v1)
-        self.weight_paths = model_files(spec.networks, spec.models)
+        self.weight_paths = model_files(spec.networks, spec.models, spec.model_file, spec.freesurfer_first)
+        self.labels = label_set(spec, self.weight_paths[spec.model].parent)
         self.architectures = {key: arch.network(key, self.labels) for key in spec.networks}
         built = {key: self._build(key) for key in spec.networks}
         self.seg: Any = built[spec.model]
@@ -150,6 +151,20 @@ class Predictor:
     def _score(self, channels: np.ndarray) -> np.ndarray:
         """The QC network on the one-hot structure groups of a hard decision (1, X, Y, Z)."""
         return self.backend.score(self.qc, heads.qc_input(channels[0], self.labels))
+
+
+def label_set(spec: ModelSpec, folder: Path | None = None) -> L.LabelSet:
+    """The labels of ``spec``'s segmentation model: upstream's tables (built in), or Photo-SynthSeg's lists from the
+    folder of its weights (``folder``; default: where the search order finds them). :class:`WeightsError` when
+    Photo-SynthSeg's lists are missing."""
+    if spec.photo is None:
+        return L.LabelSet.build(spec.v1)
+    if folder is None:
+        folder = model_files((spec.model,), spec.models, spec.model_file, spec.freesurfer_first)[spec.model].parent
+    try:
+        return L.LabelSet.photo(folder, spec.photo == "both")
+    except FileNotFoundError as exc:
+        raise WeightsError(str(exc)) from exc
 
 
 # -- choosing and starting a backend ----------------------------------------------------------------

@@ -76,12 +76,19 @@ def _check_intensities(data: np.ndarray, path: str) -> np.ndarray:
     return data
 
 
-def _to_3d(img: LoadedImage, path: str) -> tuple[np.ndarray, int]:
+def _to_3d(img: LoadedImage, path: str, conventions: str = "upstream") -> tuple[np.ndarray, int]:
+    """The 3-D volume to segment. Where the two programs differ, ``conventions`` decides: upstream keeps the first
+    channel of a multi-channel image and segments a volume of 4-10 slices as 3-D; FreeSurfer's mri_synthseg
+    averages the channels and refuses the thin volume."""
     _check_extent(img, path)
     data, n_dims, n_channels = img.data, img.n_dims, img.n_channels
+    freesurfer = conventions == "freesurfer"
     if n_dims == 2 and 1 < n_channels < 4:
         raise InputError(f"{path}: either 2D with several channels or 3D with at most 3 slices "
                          f"(shape {data.shape}); results would be meaningless")
+    if n_dims == 2 and 3 < n_channels < 11 and freesurfer:
+        raise InputError(f"{path}: input should have 3 dimensions, has 2 (shape {data.shape}: a last axis of "
+                         f"{n_channels} counts as channels, as FreeSurfer's mri_synthseg reads it)")
     if n_dims == 2 and 3 < n_channels < 11:
         logger.warning(f"{path}: input with very few slices (shape {data.shape})")
         return data, 3
@@ -92,15 +99,43 @@ def _to_3d(img: LoadedImage, path: str) -> tuple[np.ndarray, int]:
         return data[..., 0], 3
     if n_dims > 3:
         raise InputError(f"{path}: input should have 3 dimensions, has {n_dims} (shape {data.shape})")
+    if n_channels > 1 and freesurfer:
+        logger.warning(f"{path}: {n_channels} channels (or frames), segmenting their mean (as FreeSurfer's "
+                       "mri_synthseg does)")
+        return np.mean(data, axis=-1), 3
     if n_channels > 1:
         logger.warning(f"{path}: {n_channels} channels (or frames), segmenting the first only")
         return data[..., 0], 3
     return data, 3
 
 
+def autocrop_box(volume: np.ndarray, path: str) -> np.ndarray:
+    """FreeSurfer 8's ``--autocrop`` box on the rescaled volume: [lo..., hi...] voxel indices.
+
+    The bounding box of the voxels above 0 (i.e. above the 0.5th percentile the rescale maps to 0), its extent
+    plus one voxel rounded up to a multiple of 32, centred on it (the low edge moved down by half the excess,
+    rounded down, and clamped at 0; the high edge then clamped at the image without moving the low edge back, so
+    a box at the image's border can come out smaller than the multiple of 32). Padding to the network's grid
+    follows as without it. FreeSurfer crashes on an image with nothing above 0; this is an :class:`InputError`.
+    """
+    found = np.argwhere(volume > 0)
+    if found.size == 0:
+        raise InputError(f"{path}: --autocrop finds no voxel above the background after the 0.5-99.5 percentile "
+                         "rescale (the image is mostly one value); run without --autocrop")
+    lo, hi = found.min(axis=0), found.max(axis=0)
+    extent = hi - lo + 2
+    shape = np.array([round_up(int(e)) for e in extent])
+    start = np.maximum(lo - np.floor_divide(shape - extent, 2), 0)
+    stop = np.minimum(start + shape, volume.shape[:3])
+    return np.concatenate([start, stop])
+
+
 def preprocess(img: LoadedImage, path: str, crop: list[int] | None = None, ct: bool = False,
-               min_pad: list[int] | None = None) -> Prepared:
-    data, n_dims = _to_3d(img, path)
+               min_pad: list[int] | None = None, autocrop: bool = False, conventions: str = "upstream"
+               ) -> Prepared:
+    """The network input of ``img``: as upstream prepares it, and with FreeSurfer 8's ``autocrop`` (after the
+    rescale, the box of :func:`autocrop_box`; ``crop`` and ``autocrop`` exclude each other)."""
+    data, n_dims = _to_3d(img, path, conventions)
     data = _check_intensities(data, path)
     affine, res = img.affine, img.resolution
     target = np.squeeze(np.round(np.tile(np.array([TARGET_RES] * n_dims), (1, 1)), 3))
@@ -120,6 +155,9 @@ def preprocess(img: LoadedImage, path: str, crop: list[int] | None = None, ct: b
     if ct:
         data = np.clip(data, 0, 80)
     data = rescale(data)
+    if autocrop and crop_idx is None:
+        crop_idx = autocrop_box(data, path)
+        data = geometry.crop_with_idx(data, crop_idx)
 
     pad_shape = [round_up(s) for s in data.shape[:n_dims]]
     min_pad = [round_up(s) for s in (min_pad or [128] * 3)]

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..config import format_size
 from ..io.images import ImageInfo, LoadedImage
-from . import geometry, memory, tiling
 from . import labels as L
+from . import memory, tiling
 from .postprocess import postprocess
 from .predictor import Predictor, Timings
 from .preprocess import Prepared, preprocess
@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Segmentation:
-    """What one image's run produced, on the output grid (1 mm, or the input's grid with ``keepgeom``)."""
+    """What one image's run produced, on the 1 mm grid in the input's orientation (``--keepgeom`` puts the labels
+    on the input's grid when they are written: ``io.freesurfer``)."""
 
     labels: np.ndarray               # int32 label values
     posteriors: np.ndarray | None    # float, one channel per label (None unless asked for)
@@ -75,7 +76,8 @@ def prepare(spec: ModelSpec, img: LoadedImage, name: str, timings: Timings) -> P
     """Step 1: the network input (1 mm, normalised, padded or cropped), as upstream prepares it."""
     t0 = time.perf_counter()
     crop = None if spec.crop is None else list(spec.crop)
-    prep = preprocess(img, name, crop=crop, ct=spec.ct, min_pad=crop)
+    prep = preprocess(img, name, crop=crop, ct=spec.ct, min_pad=crop, autocrop=spec.autocrop,
+                      conventions=spec.conventions)
     timings.add("preprocess", time.perf_counter() - t0)
     return prep
 
@@ -85,6 +87,11 @@ def run_network(predictor: Predictor, spec: ModelSpec, prep: Prepared, name: str
     """Step 2: the networks on ``prep`` (whole, or in the tiles ``decision`` chose)."""
     t1 = time.perf_counter()
     tiles = None
+    # a right hemisphere, for a network trained on left ones
+    image = np.ascontiguousarray(prep.image[:, ::-1]) if spec.mirrored else prep.image
+    if spec.autocrop and decision.tiling is not None:  # the header only bounded the grid; the box is known now
+        grid_info = ImageInfo(tuple(prep.image.shape[1:4]), (1.0, 1.0, 1.0), np.dtype(np.float32))
+        decision = memory.decide(name, grid_info, spec, predictor.device_memory())
     if decision.tiling is not None:
         grid = prep.image.shape[1:4]  # the header's prediction of it is tested to be the same; if not, re-plan
         tiles = decision.tiling if decision.tiling.grid == grid else tiling.layout(grid, decision.tiling.counts)
@@ -92,9 +99,12 @@ def run_network(predictor: Predictor, spec: ModelSpec, prep: Prepared, name: str
             raise ValueError(f"{name}: network grid {'x'.join(map(str, grid))} cannot be cut into "
                              f"{'x'.join(map(str, decision.tiling.counts))} tiles")
         logger.warning(tiling_note(name, decision, tiles))
-        post_seg, post_parc, qc_scores = predictor.predict_tiled(prep.image, tiles)
+        post_seg, post_parc, qc_scores = predictor.predict_tiled(image, tiles)
     else:
-        post_seg, post_parc, qc_scores = predictor.predict(prep.image)
+        post_seg, post_parc, qc_scores = predictor.predict(image)
+    if spec.mirrored:  # and back (FreeSurfer 8 flips the posteriors along the same axis)
+        post_seg = post_seg[:, ::-1]
+        post_parc = None if post_parc is None else post_parc[:, ::-1]
     t2 = time.perf_counter()
     timings.add("network", t2 - t1)
     if spec.profile:  # counted after the stage's clock stopped: not network time
@@ -108,21 +118,16 @@ def run_network(predictor: Predictor, spec: ModelSpec, prep: Prepared, name: str
 
 def finish(predictor: Predictor, spec: ModelSpec, img: LoadedImage, prep: Prepared, net: NetworkOutput,
            timings: Timings, posteriors: bool = False) -> Segmentation:
-    """Step 3: post-processing (upstream's), volumes, and the output grid (``--keepgeom``: the input's)."""
+    """Step 3: post-processing (upstream's) and volumes."""
     t2 = time.perf_counter()
     label_set = predictor.labels
     labels_parc = L.parcellation_labels() if net.post_parc is not None else None
     seg, post, volumes = postprocess(net.post_seg, net.post_parc, prep.shape, prep.pad_idx, prep.crop_idx,
                                      label_set.labels, labels_parc, prep.affine, prep.resolution, spec.fast,
-                                     label_set.topology, spec.v1, threads=spec.threads or os.cpu_count() or 1)
-    affine = prep.affine
-    if spec.keepgeom and prep.resampled is not None:
-        seg = geometry.resample_like(seg, affine, img.data.shape, img.affine, order=0)
-        if posteriors:
-            post = geometry.resample_like(post, affine, img.data.shape, img.affine, order=1)
-        affine = img.affine
+                                     label_set.topology, label_set.intracranial,
+                                     threads=spec.threads or os.cpu_count() or 1)
     timings.add("postprocess", time.perf_counter() - t2)
-    return Segmentation(seg, post if posteriors else None, affine, prep.header, volumes, net.qc_scores, prep)
+    return Segmentation(seg, post if posteriors else None, prep.affine, prep.header, volumes, net.qc_scores, prep)
 
 
 def tiling_note(name: str, decision: memory.Decision, tiles: tiling.Tiling) -> str:

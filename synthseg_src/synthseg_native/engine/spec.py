@@ -38,11 +38,27 @@ class ModelSpec:
     device_check: str = "error"         # error, cpu, off: what a GPU's failed self-check does (engine.selfcheck)
     profile: bool = False
     debug: bool = False
+    autocrop: bool = False              # the network sees only the box around the foreground (FreeSurfer 8)
+    photo: str | None = None            # Photo-SynthSeg's hemisphere(s): left, right, both (FreeSurfer 8)
+    model_file: str | None = None       # --model: the segmentation network's weights file, instead of MODEL_FILES'
+    conventions: str = "upstream"       # upstream or freesurfer (where the two programs differ)
 
     @property
     def flip(self) -> bool:
-        """Whether the flipped pass runs and is averaged in (upstream's default path)."""
-        return not self.fast
+        """Whether the flipped pass runs and is averaged in (upstream's default path; FreeSurfer's Photo-SynthSeg
+        only for both hemispheres, since one hemisphere has no mirror image)."""
+        return not self.fast and self.photo in (None, "both")
+
+    @property
+    def freesurfer_first(self) -> bool:
+        """Weights searched in ``$FREESURFER_HOME/models`` first, as FreeSurfer's mri_synthseg looks there."""
+        return self.conventions == "freesurfer"
+
+    @property
+    def mirrored(self) -> bool:
+        """Photo-SynthSeg of a right hemisphere: the network, trained on left ones, sees it mirrored along the first
+        (left-right) axis, and its outputs are mirrored back."""
+        return self.photo == "right"
 
     @property
     def networks(self) -> tuple[str, ...]:
@@ -58,4 +74,5 @@ class ModelSpec:
         return cls(model=o.segmentation_model, v1=o.v1, robust=o.robust, fast=o.fast, parc=o.parc, qc=bool(o.qc),
                    ct=o.ct, crop=crop, keepgeom=o.keepgeom, backend=o.backend, device=o.device, bn=o.bn,  # type: ignore[arg-type]
                    precision=o.precision, threads=o.threads, models=o.models, max_memory=o.max_memory_bytes,
-                   device_check=o.device_check, profile=o.profile, debug=o.debug)
+                   device_check=o.device_check, profile=o.profile, debug=o.debug, autocrop=o.autocrop,
+                   photo=o.photo, model_file=o.model, conventions=o.conventions)

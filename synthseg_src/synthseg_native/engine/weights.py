@@ -25,6 +25,8 @@ MODEL_FILES = {
     "parc": "synthseg_parc_2.0.h5",
     "robust": "synthseg_robust_2.0.h5",
     "qc": "synthseg_qc_2.0.h5",
+    "photo_both": "synthseg_photo_both_1.0.h5",      # FreeSurfer 8's Photo-SynthSeg (--photo both)
+    "photo_single": "synthseg_photo_single_1.0.h5",  # (--photo left|right)
 }
 OFFICIAL_SOURCE = ("FreeSurfer >= 7.3 ships them in $FREESURFER_HOME/models; otherwise download them from the "
                    "link in the SynthSeg repository README (github.com/BBillot/SynthSeg) and pass --models DIR")
@@ -33,9 +35,10 @@ OFFICIAL_SOURCE = ("FreeSurfer >= 7.3 ships them in $FREESURFER_HOME/models; oth
 _ORDER = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
 
 
-def search_dirs(models_dir: str | None = None) -> list[tuple[str, Path]]:
+def search_dirs(models_dir: str | None = None, freesurfer_first: bool = False) -> list[tuple[str, Path]]:
     """Candidate folders in priority order, each with the reason it is searched. An explicit ``--models`` folder is
-    the only one: a typo in it must not quietly run other weights found further down the list."""
+    the only one: a typo in it must not quietly run other weights found further down the list. ``freesurfer_first``
+    (the ``mri_synthseg`` command) puts ``$FREESURFER_HOME/models`` first, where FreeSurfer's own looks."""
     if models_dir:
         return [("--models", Path(models_dir))]
     dirs: list[tuple[str, Path]] = []
@@ -43,20 +46,21 @@ def search_dirs(models_dir: str | None = None) -> list[tuple[str, Path]]:
         dirs.append(("$SYNTHSEG_MODELS", Path(os.environ["SYNTHSEG_MODELS"])))
     dirs.append(("./models", Path.cwd() / "models"))
     if os.environ.get("FREESURFER_HOME"):
-        dirs.append(("$FREESURFER_HOME/models", Path(os.environ["FREESURFER_HOME"]) / "models"))
+        place = ("$FREESURFER_HOME/models", Path(os.environ["FREESURFER_HOME"]) / "models")
+        dirs.insert(0, place) if freesurfer_first else dirs.append(place)
     if os.environ.get("SYNTHSEG_HOME"):
         dirs.append(("$SYNTHSEG_HOME/models", Path(os.environ["SYNTHSEG_HOME"]) / "models"))
     return dirs
 
 
-def locate(filename: str, models_dir: str | None = None) -> tuple[Path, str]:
+def locate(filename: str, models_dir: str | None = None, freesurfer_first: bool = False) -> tuple[Path, str]:
     """The first existing ``filename`` along the search order, and why that folder was searched (``--models``,
     ``$SYNTHSEG_MODELS``, ...); the error names every place tried."""
     if models_dir and not Path(models_dir).is_dir():
         raise WeightsError(f"--models {models_dir}: no such folder (an explicit --models folder is the only place "
                            f"searched). Official weights are not distributed with this toolkit: {OFFICIAL_SOURCE}")
     tried = []
-    for why, folder in search_dirs(models_dir):
+    for why, folder in search_dirs(models_dir, freesurfer_first):
         candidate = folder / filename
         if candidate.is_file():
             return candidate, why
@@ -69,20 +73,28 @@ def locate(filename: str, models_dir: str | None = None) -> tuple[Path, str]:
                        f"Official weights are not distributed with this toolkit: {OFFICIAL_SOURCE}")
 
 
-def find_weights(filename: str, models_dir: str | None = None) -> Path:
+def find_weights(filename: str, models_dir: str | None = None, freesurfer_first: bool = False) -> Path:
     """:func:`locate`'s file."""
-    return locate(filename, models_dir)[0]
+    return locate(filename, models_dir, freesurfer_first)[0]
 
 
-def model_files(keys: list[str] | tuple[str, ...], models_dir: str | None = None) -> dict[str, Path]:
+def model_files(keys: list[str] | tuple[str, ...], models_dir: str | None = None,
+                model_file: str | None = None, freesurfer_first: bool = False) -> dict[str, Path]:
     """The weight file of each network of a run (keys of ``MODEL_FILES``, the segmentation model first): the others
     beside the segmentation model when they are there (where upstream's engine takes them from), else found along
-    the search order."""
-    first = find_weights(MODEL_FILES[keys[0]], models_dir)
+    the search order. ``model_file`` (FreeSurfer's ``--model``) is the segmentation model's file itself; the heads
+    are then looked for along the search order, as FreeSurfer takes them from its models folder."""
+    if model_file is not None:
+        if not Path(model_file).is_file():
+            raise WeightsError(f"--model {model_file}: the provided model path does not exist")
+        files = {keys[0]: Path(model_file)}
+        files.update({key: find_weights(MODEL_FILES[key], models_dir, freesurfer_first) for key in keys[1:]})
+        return files
+    first = find_weights(MODEL_FILES[keys[0]], models_dir, freesurfer_first)
     files = {keys[0]: first}
     for key in keys[1:]:
         beside = first.parent / MODEL_FILES[key]
-        files[key] = beside if beside.is_file() else find_weights(MODEL_FILES[key], models_dir)
+        files[key] = beside if beside.is_file() else find_weights(MODEL_FILES[key], models_dir, freesurfer_first)
     return files
 
 

@@ -1,23 +1,23 @@
-"""FreeSurfer colours and names for the labels SynthSeg writes (``--addctab``).
+"""FreeSurfer colours and names for the labels SynthSeg writes (``--addctab``, snapshots, BIDS ``dseg.tsv``).
 
-Viewers show a segmentation in the familiar FreeSurfer colours only if they know the lookup table.
-In ``.mgz`` files FreeSurfer embeds it as a tag after the image data (tag 1, the binary colour table,
-version -2: big-endian int32 fields); freeview and FreeSurfer's Python library ``surfa`` read it.
-NIfTI has no such slot, so a sidecar ``<name>_ctab.txt`` in FreeSurferColorLUT.txt format is written
-next to the image instead.
+Viewers show a segmentation in the familiar FreeSurfer colours only if they know the lookup table. FreeSurfer 8's
+``mri_synthseg --addctab`` embeds its whole FreeSurferColorLUT.txt in the file, in ``.mgz`` and in NIfTI's
+FreeSurfer header extension (``io.freesurfer`` writes both, as surfa does); freeview and surfa read it. This module
+holds the table this toolkit knows without FreeSurfer (the labels SynthSeg writes) and picks what is embedded; for
+NIfTI outputs of ``synthseg-native`` a sidecar ``<name>_ctab.txt`` is written too, for other viewers.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from .atomic import StagedOutputs, atomic_write, image_extension
+from .fsheader import LabelEntry, LookupTable, read_lut
+
+FREESURFER_LUT = "FreeSurferColorLUT.txt"
 
 # index: (FreeSurferColorLUT name, R, G, B)
 SEGMENTATION_LUT: dict[int, tuple[str, int, int, int]] = {
@@ -74,77 +74,34 @@ def lut_text(table: dict[int, tuple[str, int, int, int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def binary_ctab(table: dict[int, tuple[str, int, int, int]]) -> bytes:
-    """FreeSurfer's binary colour table, version -2 (what ``mri_*`` tools embed in .mgz files)."""
-    out = [struct.pack(">iii", -2, max(table) + 1, 0), struct.pack(">i", len(table))]
-    for idx, (name, r, g, b) in table.items():
-        raw = name.encode("ascii") + b"\x00"
-        out.append(struct.pack(">ii", idx, len(raw)) + raw + struct.pack(">iiii", r, g, b, 0))
-    return b"".join(out)
-
-
-def read_binary_ctab(blob: bytes) -> dict[int, tuple[str, int, int, int]]:
-    version, _, name_len = struct.unpack_from(">iii", blob, 0)
-    if version != -2:
-        raise ValueError(f"unsupported colour table version {version}")
-    pos = 12 + name_len
-    (count,) = struct.unpack_from(">i", blob, pos)
-    pos += 4
-    table = {}
-    for _ in range(count):
-        idx, n = struct.unpack_from(">ii", blob, pos)
-        name = blob[pos + 8:pos + 8 + n].rstrip(b"\x00").decode("ascii")
-        r, g, b, _t = struct.unpack_from(">iiii", blob, pos + 8 + n)
-        table[idx] = (name, r, g, b)
-        pos += 8 + n + 16
-    return table
-
-
 def sidecar_path(seg_path: str | os.PathLike) -> Path:
     p = Path(seg_path)
     ext = image_extension(p) or p.suffix
     return p.with_name(p.name[: -len(ext)] + "_ctab.txt")
 
 
-def attach(seg_path: str | os.PathLike, seg: np.ndarray, parc: bool, stage: StagedOutputs | None = None) -> Path:
-    """Embed the table in an .mgz segmentation, or write the sidecar for NIfTI; returns where it went.
+def embedded_table(parc: bool) -> tuple[LookupTable, str, bool]:
+    """The table ``--addctab`` embeds, what it is (for the log) and whether it is FreeSurfer's: FreeSurfer's whole
+    ``$FREESURFER_HOME/FreeSurferColorLUT.txt`` when there is one, as ``mri_synthseg`` embeds it; else this toolkit's
+    entries for the labels the run can write (FreeSurfer's numbers, names and colours)."""
+    home = os.environ.get("FREESURFER_HOME")
+    if home and (Path(home) / FREESURFER_LUT).is_file():
+        path = Path(home) / FREESURFER_LUT
+        table = read_lut(path)
+        return table, f"{path} ({len(table)} entries)", True
+    table = {idx: LabelEntry(name, (r, g, b), 1.0) for idx, (name, r, g, b) in lookup_table(parc).items()}
+    return table, f"this toolkit's {len(table)} entries ($FREESURFER_HOME/{FREESURFER_LUT} not found)", False
 
-    With ``stage``, the segmentation is read from its staged temporary and the result is staged too.
-    """
+
+def write_sidecar(seg_path: str | os.PathLike, seg: np.ndarray, parc: bool, stage: StagedOutputs | None = None
+                  ) -> Path:
+    """``<name>_ctab.txt`` beside a NIfTI segmentation, in FreeSurferColorLUT format, for viewers that do not read
+    FreeSurfer's header extension (3D Slicer, FSLeyes after conversion): synthseg-native's own addition."""
     table = lookup_table(parc)
     unknown = sorted(set(np.unique(seg).tolist()) - set(table))
     if unknown:
         raise ValueError(f"{seg_path}: labels without a colour: {unknown}")
-    write = stage.write if stage is not None else atomic_write
-    if image_extension(seg_path) == ".mgz":
-        img = nib.load(str(stage.source(seg_path) if stage is not None else seg_path))
-        raw = img.to_bytes() + struct.pack(">i", 1) + binary_ctab(table)
-
-        def _write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0) as gz:
-                gz.write(raw)
-
-        write(seg_path, _write)
-        return Path(seg_path)
     side = sidecar_path(seg_path)
+    write = stage.write if stage is not None else atomic_write
     write(side, lambda tmp: Path(tmp).write_text(lut_text(table)))
     return side
-
-
-def read_embedded(seg_path: str | os.PathLike) -> dict[int, tuple[str, int, int, int]] | None:
-    """The colour table embedded in an .mgz file, or None (reads the tags after nibabel's footer)."""
-    with gzip.open(seg_path, "rb") as fh:
-        raw = fh.read()
-    img = nib.MGHImage.from_bytes(raw)
-    hdr = img.header
-    end = hdr.get_data_offset() + int(np.prod(img.shape)) * hdr.get_data_dtype().itemsize + 20
-    pos = end
-    while pos + 4 <= len(raw):
-        (tag,) = struct.unpack_from(">i", raw, pos)
-        if tag == 1:
-            return read_binary_ctab(raw[pos + 4:])
-        if tag == 0:
-            return None
-        (length,) = struct.unpack_from(">q", raw, pos + 4)
-        pos += 12 + length
-    return None

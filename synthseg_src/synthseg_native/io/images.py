@@ -42,6 +42,7 @@ class LoadedImage:
     n_dims: int
     n_channels: int
     resolution: np.ndarray
+    source: nib.spatialimages.SpatialImage | None = None  # the image as nibabel opened it (``--keepgeom``'s target)
 
 
 @dataclass
@@ -160,7 +161,7 @@ def from_nibabel(img: nib.spatialimages.SpatialImage, name: str) -> LoadedImage:
     if not np.all(np.isfinite(res)):
         raise InputError(f"{name}: voxel sizes in the header are not finite ({res.tolist()})")
     _warn_assumptions(img, name)
-    return LoadedImage(data, affine, header, n_dims, n_channels, res)
+    return LoadedImage(data, affine, header, n_dims, n_channels, res, img)
 
 
 def _warn_assumptions(img: nib.spatialimages.SpatialImage, name: str) -> None:

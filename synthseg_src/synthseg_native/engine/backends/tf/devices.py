@@ -26,7 +26,7 @@ import h5py
 import nibabel
 import numpy as np
 
-from ...machine import cpu_has_bf16
+from ...machine import cpu_has_bf16, cpu_model, cpu_vendor
 
 logger = logging.getLogger(__name__)
 _SHAPE = (1, 8, 8, 8, 1)
@@ -39,9 +39,22 @@ def prepare_tensorflow(debug: bool = False) -> None:
     (AMD EPYC, for one) it falls back to Eigen's Conv3D, which crashes (segfault) on full-size brains
     — upstream SynthSeg included — and is 2-3x slower. We turn oneDNN on unless the user chose
     (``TF_ENABLE_ONEDNN_OPTS`` set); ``--engine upstream`` runs in the same process, so comparisons
-    always use the same kernels.
+    always use the same kernels. A choice of ``0`` (qsiprep sets it around FreeSurfer's mri_synthseg) is
+    honoured on Intel CPUs, where it gives FreeSurfer's bytes under the same setting, and overridden with a
+    warning elsewhere, where it would crash. ``TF_USE_LEGACY_KERAS`` (also qsiprep's) is dropped: it would make
+    TensorFlow 2.15 look for the ``tf_keras`` package, and its own ``tf.keras`` is the Keras 2 that variable asks for.
     """
+    if os.environ.pop("TF_USE_LEGACY_KERAS", None) is not None:
+        # qsiprep sets it; TensorFlow 2.15 would then load tf.keras from the separate tf_keras package and fail
+        # without it, while its own tf.keras already is Keras 2 (FreeSurfer 8's script fails the same way on 2.15)
+        logger.info("TF_USE_LEGACY_KERAS ignored: TensorFlow 2.15's tf.keras already is Keras 2")
     if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
+        if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0" and cpu_vendor() != "GenuineIntel":
+            # qsiprep sets it for FreeSurfer's mri_synthseg; honoured, it crashes here on a full-size brain
+            os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+            logger.warning(f"TF_ENABLE_ONEDNN_OPTS=0 is not honoured: on this CPU ({cpu_model()}) TensorFlow's "
+                           "Eigen Conv3D, which it selects, crashes on full-size brains (segmentation fault); "
+                           "oneDNN stays on (docs/freesurfer.md)")
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     if not debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
