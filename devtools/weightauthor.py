@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from synthseg_native.engine import architecture as arch
 from synthseg_native.engine import geometry, heads
 from synthseg_native.engine import labels as L
 from synthseg_native.engine.backends.tf.devices import prepare_tensorflow
 from synthseg_native.engine.preprocess import rescale
-from synthseg_native.engine.weights import MODEL_FILES, write_weights
+from synthseg_native.engine.weights import MODEL_FILES, SYNTHSEG_KEYS, write_weights
 from synthseg_native.log import DONE
 from synthseg_native.tools import testweights, weightrecipe
 
@@ -103,7 +104,7 @@ def _qc_stage(x: np.ndarray, rng: np.random.RandomState, draws: weightrecipe.Dra
     groups = heads.qc_lut(ls)[seg]
     n_groups = len(np.unique(ls.qc_groups))
     inp = np.eye(n_groups, dtype=np.float32)[groups][np.newaxis]
-    model = qc_model(n_groups)
+    model = qc_model(arch.QC(n_groups))
     _init_random(model, rng, draws)
     _calibrate_bn(model, inp, rng)
     final = model.get_layer("qc_final_conv_1")
@@ -188,8 +189,8 @@ def _stage(x: np.ndarray, prefix: str, n_out: int, target: np.ndarray, rng: np.r
     from synthseg_native.engine.backends.tf.network import unet
 
     inp = tf.keras.layers.Input(shape=[None, None, None, x.shape[-1]])
-    model = tf.keras.Model(inp, unet(inp, prefix, n_out, conv_size=conv_size, n_features=n_features,
-                                     skip_n=skip_n))
+    net = arch.UNet(prefix, x.shape[-1], n_out, conv_size=conv_size, n_features=n_features, skip_n=skip_n)
+    model = tf.keras.Model(inp, unet(inp, net))
     _init_random(model, rng, draws)
     _calibrate_bn(model, x, rng)
     _fit_final(model, prefix, x, target, n_out, rng)
@@ -214,7 +215,7 @@ def generate(out_dir: str | Path, seed: int = 0, layout: str = "model",
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    which = only or list(MODEL_FILES)
+    which = only or list(SYNTHSEG_KEYS)
     x = calibration_image()
     written: dict[str, Path] = {}
     for key in which:
@@ -248,7 +249,7 @@ def generate(out_dir: str | Path, seed: int = 0, layout: str = "model",
         elif key == "qc":
             arrays = _arrays(_qc_stage(x, rng, draws))
         else:
-            raise ValueError(f"unknown model key {key!r}; choose from {sorted(MODEL_FILES)}")
+            raise ValueError(f"unknown model key {key!r}; choose from {sorted(SYNTHSEG_KEYS)}")
         path = out / MODEL_FILES[key]
         write_weights(path, arrays, layout=layout, test_seed=seed)
         if recipes is not None:
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", default=str(testweights.recipe("seg2").parent), help="folder for the recipes")
     p.add_argument("--weights", help="folder for the weight files themselves (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=testweights.SEED)
-    p.add_argument("--only", nargs="+", choices=sorted(MODEL_FILES))
+    p.add_argument("--only", nargs="+", choices=sorted(SYNTHSEG_KEYS))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for key, path in generate(args.weights or tmp, args.seed, "model", args.only, recipes=args.recipes).items():

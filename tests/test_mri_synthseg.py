@@ -24,6 +24,16 @@ from synthseg_native.io.freesurfer import read_embedded_lut
 from synthseg_native.mri_synthseg import main, vmpeak_kb
 
 ROOT = Path(__file__).resolve().parents[1]
+# The header rows FreeSurfer 8's script (commit 0edd010) wrote in the recon-all and qsiprep calls (2026-12-07,
+# docs/equivalence.md); csv.writer's \r\n line ends included.
+SIDES = ["cerebral white matter", "cerebral cortex", "lateral ventricle", "inferior lateral ventricle",
+         "cerebellum white matter", "cerebellum cortex", "thalamus", "caudate", "putamen", "pallidum"]
+FS_VOLUME_HEADER = ("subject,total intracranial," + ",".join(f"left {n}" for n in SIDES)
+                    + ",3rd ventricle,4th ventricle,brain-stem,left hippocampus,left amygdala,csf,left accumbens area,"
+                    "left ventral DC," + ",".join(f"right {n}" for n in SIDES) + ",right hippocampus,right amygdala,"
+                    "right accumbens area,right ventral DC\r\n")
+FS_QC_HEADER = ("subject,general white matter,general grey matter,general csf,cerebellum,brainstem,thalamus,"
+                "putamen+pallidum,hippocampus+amygdala\r\n")
 LUT = """#$Id: a small FreeSurferColorLUT.txt for the tests $
 
 #No. Label Name:                            R   G   B   A
@@ -110,8 +120,9 @@ def test_recon_all_call_unchanged(inputs, fs_home, tmp_path):
     assert list(table) == [0, 2, 3, 17, 9999]  # the whole $FREESURFER_HOME table, not only the labels present
     assert table[17].name == "Left-Hippocampus" and table[17].rgb == (220, 216, 20)
     with open(tmp_path / "subj/stats/synthseg.vol.csv", newline="") as fh:
-        rows = list(csv.reader(fh))
-    assert rows[0][:2] == ["subject", "total intracranial"] and float(rows[1][1]) > 0
+        assert fh.readline() == FS_VOLUME_HEADER
+        row = next(csv.reader(fh))
+    assert row[0] == "orig.mgz" and float(row[1]) > 0  # the subject keeps .mgz, as FreeSurfer's does
 
 
 def test_qsiprep_call_unchanged(inputs, fs_home, tmp_path):
@@ -129,8 +140,9 @@ def test_qsiprep_call_unchanged(inputs, fs_home, tmp_path):
     assert warned == (machine.cpu_vendor() != "GenuineIntel")
     assert nib.load(str(out / "post.nii.gz")).shape[-1] == 33
     with open(out / "qc.csv", newline="") as fh:
+        assert fh.readline() == FS_QC_HEADER
         rows = list(csv.reader(fh))
-    assert rows[0][0] == "subject" and len(rows) == 2 and all(0 <= float(v) <= 1 for v in rows[1][1:])
+    assert len(rows) == 1 and all(0 <= float(v) <= 1 for v in rows[0][1:])
 
 
 def test_weights_come_from_freesurfer_home_first(inputs, fs_home, tmp_path, monkeypatch, capsys):

@@ -213,17 +213,18 @@ def test_cpu_flag_and_device_cpu_are_one_request():
 
 
 def test_gpu_budget_tiles_by_device_memory():
+    from synthseg_native.engine.runtime import DeviceMemory
     from synthseg_native.io.images import ImageInfo
 
     info = ImageInfo(shape=(182, 218, 182), zooms=(1.0, 1.0, 1.0), dtype=np.dtype(np.float32))
     spec = ModelSpec.of(Options(backend="torch"))
-    roomy = memory.decide("x", info, spec, device=(80e9, "free memory of cuda:0"))
+    roomy = memory.decide("x", info, spec, device=DeviceMemory(80e9, "free memory of cuda:0"))
     assert roomy.tiling is None and roomy.where == "free memory of cuda:0"
     assert roomy.estimate.need < 6e9  # the target of a full 1 mm head on a GPU
-    tight = memory.decide("x", info, spec, device=(2.5e9, "free memory of cuda:0"))
+    tight = memory.decide("x", info, spec, device=DeviceMemory(2.5e9, "free memory of cuda:0"))
     assert tight.tiling is not None and tight.tiled_need <= 2.5e9
     with pytest.raises(Exception, match="GPU memory"):
-        memory.decide("x", info, spec, device=(0.5e9, "free memory of cuda:0"))
+        memory.decide("x", info, spec, device=DeviceMemory(0.5e9, "free memory of cuda:0"))
 
 
 # -- whole runs: torch against tf on real MRI --------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def make_writable(folder: Path) -> None:
     ("conflicting flags", ["--i", "{d}/t1.nii.gz", "--o", "{d}/s.nii.gz", "--robust", "--v1"],
      "--robust cannot be used with --v1"),
     ("keepgeom upstream", ["--i", "{d}/t1.nii.gz", "--o", "{d}/s.nii.gz", "--engine", "upstream", "--keepgeom"],
-     "FreeSurfer 8 options"),
+     "the upstream engine runs upstream SynthSeg, which has none of them"),
     ("folder in, file out", ["--i", "{d}/in", "--o", "{d}/s.nii.gz"], "must be a folder when --i is a folder"),
     ("file in, list out", ["--i", "{d}/t1.nii.gz", "--o", "{d}/o.txt"], "can only be a .txt list"),
     ("list in, file out", ["--i", "{d}/in.txt", "--o", "{d}/s.nii.gz"], "must be a .txt list"),

@@ -76,8 +76,8 @@ def test_installed_commands_and_api_work_outside_the_tree(installed, weights, in
     where = run(installed, installed / "bin" / "python", "-c", "import synthseg_native as s; print(s.__file__)",
                 cwd=tmp_path)
     assert where.stdout.strip().startswith(str(installed)), where.stdout + where.stderr
-    for tool in ("synthseg-native", "synthseg-native-bench", "synthseg-native-compare", "synthseg-native-demo",
-                 "synthseg-native-roofline", "synthseg-native-testweights"):
+    for tool in ("synthseg-native", "mri_synthseg", "synthseg-native-compare", "synthseg-native-demo",
+                 "synthseg-native-testweights"):
         proc = run(installed, installed / "bin" / tool, "--help", cwd=tmp_path)
         assert proc.returncode == 0 and "usage:" in proc.stdout, (tool, proc.stdout, proc.stderr)
     doctor = run(installed, installed / "bin" / "synthseg-native-doctor", cwd=tmp_path)

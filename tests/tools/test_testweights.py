@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthseg_native.engine.weights import MODEL_FILES, is_test_weights, read_weights
+from synthseg_native.engine.weights import MODEL_FILES, SYNTHSEG_KEYS, is_test_weights, read_weights
 from synthseg_native.errors import WeightsError
 from synthseg_native.tools import testweights
 
@@ -23,7 +23,7 @@ BLOCK = Path(__file__).resolve().parents[1] / "no_tensorflow"  # a sitecustomize
 
 
 def test_packaged_recipes_cover_every_model_and_stay_small():
-    sizes = {key: testweights.recipe(key).stat().st_size for key in MODEL_FILES}
+    sizes = {key: testweights.recipe(key).stat().st_size for key in SYNTHSEG_KEYS}
     assert sum(sizes.values()) < 1_000_000, sizes
 
 
@@ -33,9 +33,9 @@ def test_all_five_by_default_without_any_framework(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "synthseg_native.tools.testweights", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(MODEL_FILES.values())
-    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [f"[DONE] {k}" for k in MODEL_FILES]
-    assert all(is_test_weights(tmp_path / name) for name in MODEL_FILES.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(MODEL_FILES[k] for k in SYNTHSEG_KEYS)
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [f"[DONE] {k}" for k in SYNTHSEG_KEYS]
+    assert all(is_test_weights(tmp_path / MODEL_FILES[k]) for k in SYNTHSEG_KEYS)
     assert len(read_weights(tmp_path / MODEL_FILES["qc"])) > 10
 
 

@@ -34,25 +34,27 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
-def cpu_vendor() -> str:
-    """``/proc/cpuinfo``'s vendor (``GenuineIntel``, ``AuthenticAMD``); empty where there is none."""
+def cpuinfo_field(name: str) -> str:
+    """The first ``name : value`` of ``/proc/cpuinfo`` (``vendor_id``, ``model name``); empty where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
 
 
+def cpu_vendor() -> str:
+    """``/proc/cpuinfo``'s vendor (``GenuineIntel``, ``AuthenticAMD``); empty where there is none."""
+    return cpuinfo_field("vendor_id")
+
+
 def cpu_model() -> str:
     """``lscpu``'s model name, for every results set."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    model = cpuinfo_field("model name")
+    if model:
+        return model
     if sys.platform == "darwin":
         proc = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
         return proc.stdout.strip()

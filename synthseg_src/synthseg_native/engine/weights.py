@@ -28,6 +28,7 @@ MODEL_FILES = {
     "photo_both": "synthseg_photo_both_1.0.h5",      # FreeSurfer 8's Photo-SynthSeg (--photo both)
     "photo_single": "synthseg_photo_single_1.0.h5",  # (--photo left|right)
 }
+SYNTHSEG_KEYS = ("seg2", "seg1", "parc", "robust", "qc")  # SynthSeg's five files (Photo-SynthSeg: FreeSurfer's)
 OFFICIAL_SOURCE = ("FreeSurfer >= 7.3 ships them in $FREESURFER_HOME/models; otherwise download them from the "
                    "link in the SynthSeg repository README (github.com/BBillot/SynthSeg) and pass --models DIR")
 

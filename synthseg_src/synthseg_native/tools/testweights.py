@@ -19,7 +19,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from ..engine.weights import MODEL_FILES
+from ..engine.weights import MODEL_FILES, SYNTHSEG_KEYS
 from ..errors import WeightsError
 from ..log import DONE
 from . import weightrecipe
@@ -37,10 +37,10 @@ def recipe(key: str) -> Path:
 
 def generate(out_dir: str | Path, only: list[str] | None = None) -> dict[str, Path]:
     """Write the requested model files (keys of ``MODEL_FILES``; default all) into ``out_dir``."""
-    keys = list(MODEL_FILES) if only is None else list(only)
-    unknown = [k for k in keys if k not in MODEL_FILES]
+    keys = list(SYNTHSEG_KEYS) if only is None else list(only)
+    unknown = [k for k in keys if k not in SYNTHSEG_KEYS]
     if unknown:
-        raise WeightsError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODEL_FILES)}")
+        raise WeightsError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(SYNTHSEG_KEYS)}")
     return {key: weightrecipe.rebuild(recipe(key), out_dir) for key in keys}
 
 
@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "demo) in the official file layout, rebuilt from the recipes in the package: no "
                                 "TensorFlow needed.")
     p.add_argument("out_dir", help="folder for the .h5 files (use it as --models)")
-    p.add_argument("--only", nargs="+", choices=list(MODEL_FILES), metavar="MODEL",
-                   help=f"only these models ({', '.join(MODEL_FILES)}; default: all five, "
-                   f"{', '.join(MODEL_FILES.values())})")
+    p.add_argument("--only", nargs="+", choices=list(SYNTHSEG_KEYS), metavar="MODEL",
+                   help=f"only these models ({', '.join(SYNTHSEG_KEYS)}; default: all five, "
+                   f"{', '.join(MODEL_FILES[k] for k in SYNTHSEG_KEYS)})")
     args = p.parse_args(argv)
     try:
         for key, path in generate(args.out_dir, args.only).items():

@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import sys
+from importlib.metadata import version
 
 import h5py
 import nibabel
@@ -138,8 +139,6 @@ def framework() -> str:
     import tensorflow as tf
 
     try:
-        from importlib.metadata import version
-
         metal = f", tensorflow-metal {version('tensorflow-metal')}"
     except Exception:  # not installed (anywhere but macOS arm64)
         metal = ""
