@@ -21,20 +21,22 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import logging
 import os
 import platform
-import resource
 import socket
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
+from devtools import gpucheck
+from synthseg_native.engine.machine import peak_rss
+from synthseg_native.engine.predictor import installed
 from synthseg_native.io.atomic import write_text
 from synthseg_native.log import DONE, RUN
 from synthseg_native.tools.demo import mni152_t1
@@ -42,8 +44,7 @@ from synthseg_native.tools.testweights import generate
 
 logger = logging.getLogger(f"synthseg_native.{__spec__.name if __spec__ else __name__}")  # the [TAG] lines
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"default": {}, "parcqc": {"parc": True, "qc": True}}
-KEYS = {"default": ["seg2"], "parcqc": ["seg2", "parc", "qc"]}
+MODES = {m: gpucheck.MODES[m] for m in ("default", "parcqc")}  # the GPU check's, two of them
 
 
 def machine() -> dict[str, str]:
@@ -60,8 +61,6 @@ def machine() -> dict[str, str]:
                 pass
     for module in ("tensorflow", "tensorflow-metal", "torch", "numpy"):
         try:
-            from importlib.metadata import version
-
             facts[module] = version(module)
         except Exception:  # not installed
             pass
@@ -69,7 +68,7 @@ def machine() -> dict[str, str]:
 
 
 def backends() -> list[str]:
-    return [name for name, module in (("tf", "tensorflow"), ("torch", "torch")) if importlib.util.find_spec(module)]
+    return [name for name, module in (("tf", "tensorflow"), ("torch", "torch")) if installed(module)]
 
 
 def gpu_device(backend: str, requested: str) -> str:
@@ -102,7 +101,7 @@ def one(args: argparse.Namespace) -> int:
             peak_device = devices.peak_memory(kind)
         device = seg.runtime.device
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    rss = int(peak_rss())
     np.savez_compressed(out / "result.npz", labels=np.asanyarray(result.labels.dataobj).astype(np.int16),
                         posteriors=np.asanyarray(result.posteriors.dataobj).astype(np.float32),
                         volumes=np.array(list(result.volumes.values())),
@@ -130,13 +129,9 @@ def launch(args: argparse.Namespace, backend: str, device: str, mode: str, model
 
 
 def agreement(gpu: Path, cpu: Path) -> dict[str, float]:
-    a, b = np.load(gpu / "result.npz"), np.load(cpu / "result.npz")
-    found = {"voxels_differ": int((a["labels"] != b["labels"]).sum()), "voxels": int(a["labels"].size),
-             "max_abs_posterior_diff": float(np.abs(a["posteriors"] - b["posteriors"]).max()),
-             "max_abs_volume_diff_mm3": float(np.abs(a["volumes"] - b["volumes"]).max())}
-    if a["qc"].size:
-        found["max_abs_qc_diff"] = float(np.abs(a["qc"] - b["qc"]).max())
-    return found
+    """The GPU check's figures (devtools.gpucheck.agreement) over two runs' saved arrays (QC only when scored)."""
+    a, b = ({k: v for k, v in np.load(d / "result.npz").items() if k != "qc" or v.size} for d in (gpu, cpu))
+    return gpucheck.agreement(a, b)
 
 
 def summary_markdown(facts: dict, rows: list[dict], doctor_rc: int) -> str:
@@ -170,7 +165,7 @@ def check(args: argparse.Namespace) -> int:
     test_weights = not models
     if test_weights:  # kept out of the folder to send back (the five files are ~250 MB)
         models = str(ROOT / "build" / "mac-check-weights")
-        generate(models, only=sorted({k for m in args.modes for k in KEYS[m]}))
+        generate(models, only=gpucheck.keys_for(args.modes))
     logger.log(RUN, "synthseg-native-doctor (op probes and the GPU self-check)")
     doctor = subprocess.run([sys.executable, "-m", "synthseg_native.tools.doctor"]
                             + (["--device", args.device] if args.device != "auto" else []),

@@ -44,7 +44,7 @@ from .engine.weights import MODEL_FILES, locate
 from .errors import OutputError, UsageError
 from .io import colours
 from .io.atomic import image_extension, write_text
-from .io.freesurfer import LookupTable, nifti_image, save_like_surfa, surfa_volume
+from .io.freesurfer import LookupTable, SurfaVolume, nifti_image, save_like_surfa, surfa_volume, write_volume
 from .io.images import as_nifti, from_nibabel, image_info, load_image, peek_image, save_nifti
 from .reference.upstream import run_upstream
 
@@ -75,14 +75,15 @@ class ImageResult:
 @dataclass
 class FreeSurferWrite:
     """What FreeSurfer 8's writer needs to write a segmentation with ``--keepgeom``/``--addctab`` (``io.freesurfer``):
-    the image its nibabel step saves (1 mm grid, the input's header), the input image, and the table to embed. The
-    output's extension matters (an .mgz goes through nibabel's MGH conversion first), so the file is made when the
-    name is known: :func:`save`."""
+    the image its nibabel step saves (1 mm grid, the input's header), the input image, the table to embed, and the
+    volume surfa writes to a NIfTI name (made once, for :attr:`ImageResult.labels` too). An .mgz name goes through
+    nibabel's MGH conversion first, so that file is made when the name is known: :func:`save`."""
 
     written: nib.Nifti1Image
     source: nib.spatialimages.SpatialImage
     keepgeom: bool
     lut: LookupTable | None
+    nifti: SurfaVolume
 
 
 @dataclass
@@ -190,7 +191,8 @@ def _announce(opts: Options, runtime: engine.Runtime, images: int | None, reason
     if opts.model:
         folder, why = Path(opts.model), "--model"
     else:
-        folder, why = locate(MODEL_FILES[opts.segmentation_model], opts.models, opts.conventions == "freesurfer")
+        folder, why = locate(MODEL_FILES[opts.segmentation_model], opts.models,
+                             ModelSpec.of(opts).freesurfer_first)
     logger.info(f"{_version(opts)}, native engine ({runtime.backend} backend{', ' + reason if reason else ''}), "
                 f"{count}{runtime.threads} thread(s), device {runtime.device}, weights {folder.parent} ({why})")
 
@@ -293,8 +295,9 @@ class Segmenter:
         fs = None
         if self.options.keepgeom or self.options.addctab:
             assert loaded.source is not None
-            fs = FreeSurferWrite(labels, loaded.source, self.options.keepgeom, self._lut)
-            labels = nifti_image(surfa_volume(labels, f"{label}.nii.gz", loaded.source, fs.keepgeom, fs.lut))
+            volume = surfa_volume(labels, f"{label}.nii.gz", loaded.source, self.options.keepgeom, self._lut)
+            fs = FreeSurferWrite(labels, loaded.source, self.options.keepgeom, self._lut, volume)
+            labels = nifti_image(volume)
         return ImageResult(
             name=label,
             labels=labels,
@@ -318,8 +321,11 @@ def save(image: ImageResult, output: str | os.PathLike | None = None, post: str 
         if fs is None:
             save_nifti(image.labels, output)
         else:
-            save_like_surfa(output, fs.written, fs.source, fs.keepgeom, fs.lut)
-            if addctab and conventions == "upstream" and image_extension(output) != ".mgz":
+            if image_extension(output) in (".nii", ".nii.gz"):  # the volume made in run(): the same for both
+                write_volume(output, fs.nifti)
+            else:
+                save_like_surfa(output, fs.written, fs.source, fs.keepgeom, fs.lut)
+            if colours.wants_sidecar(output, addctab, conventions):
                 colours.write_sidecar(output, np.asarray(fs.written.dataobj), parc=parc)
     if post is not None and image.posteriors is not None:
         save_nifti(image.posteriors, post)

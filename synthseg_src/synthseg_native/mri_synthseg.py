@@ -68,7 +68,7 @@ def _run(argv: list[str]) -> int:
         parser.print_help()
         return 1
     try:
-        opts = parse(argv, PROG, parser)
+        opts = parse(argv, parser=parser)
     except UsageError as exc:  # what argparse refuses: its exit status, 2
         logger.error(str(exc))
         return 2

@@ -74,3 +74,22 @@ def test_hide_gpus_in_a_fresh_process():
 
 def test_threads():
     assert devices.configure_threads(2) >= 1
+
+
+def test_cpu_after_tensorflow_started_on_a_gpu_is_pinned(monkeypatch):
+    """The self-check's fallback (--device-check cpu) restarts the tf backend with --device cpu after TensorFlow
+    initialised its GPUs: they cannot be hidden any more, so the backend pins its work to /CPU:0 and says CPU —
+    otherwise the restarted backend would report the GPU and be checked (and fall back) again without end."""
+    from synthseg_native.config import Options
+    from synthseg_native.engine.backends.tf import backend as tf_backend
+    from synthseg_native.engine.spec import ModelSpec
+
+    spec = ModelSpec.of(Options(backend="tf", cpu=True))
+    monkeypatch.setattr(devices, "hide_gpus", lambda: False)
+    monkeypatch.setattr(devices, "network_device", lambda: "GPU:0 (a GPU that failed its check)")
+    pinned = tf_backend.start(spec)
+    assert pinned.scope == "/CPU:0" and pinned.runtime.device_kind == "cpu" and pinned.runtime.device.startswith("CPU")
+    assert pinned.bn == "fused"
+    monkeypatch.setattr(devices, "hide_gpus", lambda: True)
+    monkeypatch.setattr(devices, "network_device", devices.cpu_name)
+    assert tf_backend.start(spec).scope is None  # hidden as usual: nothing to pin

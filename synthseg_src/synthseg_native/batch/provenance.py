@@ -33,6 +33,7 @@ from typing import Any
 from ..config import Options
 from ..config.parser import parse
 from ..engine.predictor import resolve_backend
+from ..engine.spec import ModelSpec
 from ..engine.weights import file_sha256, model_files
 from ..errors import ProvenanceError, UpstreamError, WeightsError
 from ..io.atomic import image_extension, write_text
@@ -76,7 +77,7 @@ def output_paths(args: Options, shared: Collection[str] = ()) -> list[str]:
 
 def weight_files(args: Options) -> list[Path]:
     """The weight files this run reads (the engine's rule: engine.weights.model_files)."""
-    return list(model_files(args.model_keys, args.models, args.model, args.conventions == "freesurfer").values())
+    return list(model_files(args.model_keys, args.models, args.model, ModelSpec.of(args).freesurfer_first).values())
 
 
 def toolkit() -> dict[str, str]:

@@ -36,7 +36,7 @@ from ..engine.segment import NetworkOutput, memory_plan
 from ..engine.spec import ModelSpec
 from ..errors import Cancelled, InputError, LockedError, MemoryShortage, WeightsError
 from ..io import colours
-from ..io.atomic import StagedOutputs, check_writable, image_extension, stale_temps
+from ..io.atomic import StagedOutputs, check_writable, stale_temps
 from ..io.freesurfer import LookupTable, save_like_surfa
 from ..io.images import LoadedImage, as_nifti, load_image, peek_image, save_image
 from ..io.locking import LockSet
@@ -177,7 +177,7 @@ def embedded_table(opts: Options) -> LookupTable | None:
 
 def sidecars(seg_path: str, opts: Options) -> list[Path]:
     """The files written beside a segmentation: synthseg-native's ``_ctab.txt`` for NIfTI with ``--addctab``."""
-    if opts.addctab and opts.conventions == "upstream" and image_extension(seg_path) != ".mgz":
+    if colours.wants_sidecar(seg_path, opts.addctab, opts.conventions):
         return [colours.sidecar_path(seg_path)]
     return []
 

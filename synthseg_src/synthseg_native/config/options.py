@@ -193,11 +193,6 @@ class Options:
             return self.model
         return ("SynthSeg 1.0" if self.v1 else "SynthSeg 2.0") + (" (fast)" if self.fast else "")
 
-    @property
-    def intracranial(self) -> bool:
-        """Whether the volumes carry a "total intracranial" column: SynthSeg 2.0, not 1.0 nor Photo-SynthSeg."""
-        return not self.v1 and not self.photo
-
     # -- upstream's rules and ours -----------------------------------------------------------------
     def normalised(self) -> Options:
         """The same request in its one canonical form: "--robust" and "--robust --fast" are the same run, and so

@@ -19,14 +19,7 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags o
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags on Linux (empty elsewhere: then no reduced precision on the CPU)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpuinfo_field("flags").split())
 
 
 def cpu_has_bf16() -> bool:

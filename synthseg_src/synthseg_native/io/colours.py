@@ -74,6 +74,12 @@ def lut_text(table: dict[int, tuple[str, int, int, int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def wants_sidecar(seg_path: str | os.PathLike, addctab: bool, conventions: str) -> bool:
+    """Whether synthseg-native's ``_ctab.txt`` goes beside ``seg_path``: ``--addctab`` on a NIfTI output under
+    upstream's conventions (FreeSurfer's embed the table in the file; .mgz holds one either way)."""
+    return addctab and conventions == "upstream" and image_extension(seg_path) != ".mgz"
+
+
 def sidecar_path(seg_path: str | os.PathLike) -> Path:
     p = Path(seg_path)
     ext = image_extension(p) or p.suffix

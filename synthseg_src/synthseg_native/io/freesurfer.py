@@ -47,15 +47,17 @@ import numpy as np
 from .atomic import StagedOutputs, atomic_write, image_extension
 from .fsheader import (
     FS_EXTENSION_CODE,
+    MGH_HEADER_BYTES,
     FSMetadata,
     LabelEntry,
     LookupTable,
+    fs_metadata,
     mgh_tags,
     nifti_extension_bytes,
-    parse_nifti_extension,
     read_embedded_lut,
     read_lut,
 )
+from .images import save_nifti
 
 __all__ = ["FSMetadata", "Geometry", "LabelEntry", "LookupTable", "SurfaVolume", "nifti_image", "read_embedded_lut",
            "read_lut", "resample_like", "save_like_surfa", "surfa_header", "surfa_load", "surfa_volume",
@@ -158,11 +160,7 @@ def _nifti_header(img: nib.Nifti1Image) -> SurfaVolume:
     if scale is not None:
         geometry = Geometry.from_components(geometry.shape, geometry.voxsize * scale, geometry.rotation,
                                             geometry.center, geometry.shear)
-    meta = FSMetadata()
-    for extension in header.extensions:
-        if extension.get_code() == FS_EXTENSION_CODE:
-            meta = parse_nifti_extension(extension.get_content())
-            break
+    meta = fs_metadata(header) or FSMetadata()
     time = xyzt & 56
     meta.sform_code, meta.qform_code = int(header["sform_code"]), int(header["qform_code"])
     meta.time_units = time if time in _TIME_CODES else 8
@@ -270,7 +268,7 @@ def resample_like(data: np.ndarray, source: Geometry, target: Geometry, method: 
     return _sample_nearest(data, target.shape, vox2vox, fill)
 
 
-def _nifti_image(volume: SurfaVolume) -> nib.Nifti1Image:
+def nifti_image(volume: SurfaVolume) -> nib.Nifti1Image:
     """surfa's NIfTI writer: a fresh header (identity affine), pixdim 1, pixdim[4] = TR in s, mm + the time
     units, sform/qform with the codes read back, pixdim[1:4] = voxel size, and the code-14 extension."""
     data = volume.data.astype(np.uint8) if volume.data.dtype == np.bool_ else volume.data
@@ -305,7 +303,7 @@ def _mgh_bytes(volume: SurfaVolume) -> bytes:
     voxsize, rotation, center = geometry.shearless()
     header = np.array([((meta.intent & 0xFFFF) << 8) | 1, *geometry.shape, 1, code, 1], dtype=">u4").tobytes()
     header += np.array(1, dtype=">u2").tobytes() + _f4(*voxsize, *np.ravel(rotation, order="F"), *center)
-    header += bytes(254 - 60)
+    header = header.ljust(MGH_HEADER_BYTES, b"\0")
     fov = max(geometry.voxsize * np.asarray(geometry.shape))
     footer = _f4(meta.tr or 0.0, meta.flip_angle, meta.te, meta.ti, fov)
     return header + np.ravel(data, order="F").astype(dtype).tobytes() + footer + mgh_tags(meta)
@@ -327,11 +325,6 @@ def surfa_volume(written: nib.Nifti1Image, path: str | os.PathLike, input_image:
     return volume
 
 
-def nifti_image(volume: SurfaVolume) -> nib.Nifti1Image:
-    """The NIfTI image surfa's writer makes of ``volume`` (fresh header, FreeSurfer's header extension)."""
-    return _nifti_image(volume)
-
-
 def write_volume(path: str | os.PathLike, volume: SurfaVolume, stage: StagedOutputs | None = None) -> None:
     """Write ``volume`` as surfa's writers do (the extension picks NIfTI or .mgz), through
     :func:`~.atomic.atomic_write` (or ``stage``). A .nii/.nii.gz file is written by nibabel exactly as surfa has it
@@ -348,7 +341,7 @@ def write_volume(path: str | os.PathLike, volume: SurfaVolume, stage: StagedOutp
 
         write(path, _write_mgz)
     else:
-        img = _nifti_image(volume)
+        img = nifti_image(volume)
         write(path, lambda tmp: nib.save(img, str(tmp)))
 
 
@@ -364,8 +357,7 @@ def save_like_surfa(path: str | os.PathLike, written: nib.Nifti1Image, input_ima
     leaves garbage voxels or dies with SIGBUS (exit 135); here the file surfa meant to write is written.
     """
     if not keepgeom and lut is None:
-        write = stage.write if stage is not None else atomic_write
-        write(path, lambda tmp: nib.save(written, str(tmp)))
+        save_nifti(written, path, stage)
         return None
     volume = surfa_volume(written, path, input_image, keepgeom, lut)
     write_volume(path, volume, stage)

@@ -212,15 +212,20 @@ def mgh_tag_offset(raw: bytes) -> int:
     return MGH_HEADER_BYTES + math.prod(dims) * MGH_ITEMSIZE[type_id] + MGH_FOOTER_BYTES
 
 
+def fs_metadata(header: nib.Nifti1Header) -> FSMetadata | None:
+    """FreeSurfer's metadata from a NIfTI header's code-14 extension, or None where it has none."""
+    for extension in header.extensions:
+        if extension.get_code() == FS_EXTENSION_CODE:
+            return parse_nifti_extension(extension.get_content())
+    return None
+
+
 def read_embedded_lut(path: str | os.PathLike) -> LookupTable | None:
     """The colour table FreeSurfer embedded in an image (.nii/.nii.gz extension 14, .mgz tag 1), or None."""
     ext = image_extension(path)
     if ext in (".nii", ".nii.gz"):
-        img = nib.load(str(path))
-        for extension in img.header.extensions:
-            if extension.get_code() == FS_EXTENSION_CODE:
-                return parse_nifti_extension(extension.get_content()).labels
-        return None
+        meta = fs_metadata(nib.load(str(path)).header)
+        return None if meta is None else meta.labels
     if ext != ".mgz":
         raise ValueError(f"{path}: not a .nii, .nii.gz or .mgz file")
     with gzip.open(path, "rb") as fh:

@@ -123,8 +123,8 @@ def run_upstream(opts: Options) -> int:
     bn = "unfused" if opts.bn == "unfused" else "fused"
     logger.info(f"upstream engine: {opts.version} from {home}, weights in {models}, {threads} thread(s), "
                 f"{bn} BatchNorm{', CPU only' if opts.cpu else ''}")
-    if opts.cpu:
-        devices.hide_gpus()
+    if opts.cpu and not devices.hide_gpus():
+        logger.warning("--cpu requested after TensorFlow started; GPUs stay visible")
     devices.configure_threads(threads)
     with _upstream_environment(home, bn):
         try:

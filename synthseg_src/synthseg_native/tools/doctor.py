@@ -5,8 +5,9 @@ lacked 3-D ops and has returned wrong values without an error (docs/platforms in
 backend and each of its devices, every op type of the networks (Conv3D, MaxPool3D, nearest upsampling, concat, ELU,
 softmax, argmax/one-hot, BatchNorm) runs on small random inputs and is compared with a float64 numpy reference:
 where it ran, and how far off it is. On every GPU the engine's own self-check follows (engine.selfcheck: a streamed
-U-Net, the blur and the flip average against the CPU), its verdict cached for the runs. An environment without a
-framework says so instead of failing. Exit 1 when an op fails or is wrong, or a GPU fails its self-check.
+U-Net, the blur and the flip average against the CPU), recomputed here (the runs keep their own cached verdict).
+An environment without a framework says so instead of failing. Exit 1 when an op fails or is wrong, or a GPU fails
+its self-check.
 
 ``--device cpu`` runs the self-check with the CPU standing in for the GPU (what a machine without a GPU can test).
 """
@@ -81,7 +82,8 @@ def probe(device: str, run_ops: Callable[[str, dict[str, np.ndarray]], dict]) ->
 
 
 def self_check(backend: str, device: str) -> tuple[str, bool]:
-    """engine.selfcheck on ``device`` (or with the CPU standing in for a GPU), recomputed and cached."""
+    """engine.selfcheck on ``device`` (or with the CPU standing in for a GPU), recomputed: the runs' cached verdict
+    is neither read nor written."""
     try:
         started = engine.start(ModelSpec.of(Options(backend=backend, device=device, device_check="off")))
         diff = selfcheck.difference(started, started.cpu_twin())
@@ -106,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tf_devices.prepare_tensorflow()  # before TensorFlow's import: start-up noise off, the engine's kernels
         lines = tf_devices.report().splitlines()
-        import tensorflow as tf
-
-        names = [f"/{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices()
-                 if d.device_type in ("CPU", "GPU")]
+        names = tf_devices.available()
         for name in names:
             more, good = probe(name, tf_devices.run_ops)
             lines += more

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,8 +37,9 @@ def start(spec: ModelSpec) -> TFBackend:
     """
     if not spec.debug:  # e.g. "triggered tf.function retracing" in a batch: noise between the log lines
         tf.get_logger().setLevel("ERROR")
+    pinned = False  # GPUs still visible after --cpu (TensorFlow started on one): everything pinned to /CPU:0
     if spec.device == "cpu":
-        devices.hide_gpus()
+        pinned = not devices.hide_gpus()
     elif spec.device in ("cuda", "mps") and not tf.config.list_physical_devices("GPU"):
         raise UsageError(f"--device {spec.device}: TensorFlow sees no GPU (a CPU-only build, no driver, or "
                          "CUDA_VISIBLE_DEVICES hides it); --backend torch may see it")
@@ -50,12 +50,12 @@ def start(spec: ModelSpec) -> TFBackend:
         if why:
             logger.warning(f"--precision {precision}: {why}; running in fp32 (identical to upstream)")
             precision = "fp32"
-    device = devices.network_device()
-    bn = spec.bn if spec.bn != "auto" else ("unfused" if devices.is_metal_gpu() else "fused")
-    runtime = Runtime(threads=threads, device=device, precision=precision, backend="tf",
-                      device_kind="cpu" if device.startswith("CPU") else ("mps" if devices.is_metal_gpu() else "cuda"),
+    device = devices.cpu_name() if pinned else devices.network_device()
+    kind = "cpu" if device.startswith("CPU") else ("mps" if devices.is_metal_gpu() else "cuda")
+    bn = spec.bn if spec.bn != "auto" else ("unfused" if kind == "mps" else "fused")
+    runtime = Runtime(threads=threads, device=device, precision=precision, backend="tf", device_kind=kind,
                       framework=devices.framework())
-    return TFBackend(runtime, bn)
+    return TFBackend(runtime, bn, scope="/CPU:0" if pinned else None)
 
 
 class TFBackend:
@@ -147,7 +147,7 @@ class TFBackend:
         """The networks pinned to the CPU in this process (TensorFlow picks the GPU by default), in fused BatchNorm."""
         if self.runtime.device_kind == "cpu":
             return self
-        runtime = Runtime(threads=self.runtime.threads, device=f"CPU ({platform.machine()})", precision="fp32",
+        runtime = Runtime(threads=self.runtime.threads, device=devices.cpu_name(), precision="fp32",
                           backend="tf", framework=self.runtime.framework)
         return TFBackend(runtime, "fused", scope="/CPU:0")
 

@@ -74,15 +74,31 @@ def onednn_enabled() -> bool:
         return os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
 
 
-def hide_gpus() -> None:
-    """For --cpu: hide CUDA devices (env var) and any GPU TensorFlow registered (Metal ignores the env var)."""
+def hide_gpus() -> bool:
+    """For --cpu: hide CUDA devices (env var) and any GPU TensorFlow registered (Metal ignores the env var). False
+    where TensorFlow had already initialised its devices in this process (a GPU that failed its self-check): the
+    GPUs stay visible and the caller pins its work to the CPU instead."""
     os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
     import tensorflow as tf
 
     try:
         tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TensorFlow already initialised its devices in this process
-        logger.warning("--cpu requested after TensorFlow started; GPUs stay visible")
+    except RuntimeError:
+        return not tf.config.get_visible_devices("GPU")
+    return True
+
+
+def available() -> list[str]:
+    """TensorFlow's CPU and GPU devices by the names ops are pinned with: "/CPU:0", "/GPU:0"."""
+    import tensorflow as tf
+
+    return [f"/{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices()
+            if d.device_type in ("CPU", "GPU")]
+
+
+def cpu_name() -> str:
+    """The CPU as the run reports it: "CPU (x86_64)", "CPU (arm)"."""
+    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 def configure_threads(n: int | None = None) -> int:
@@ -160,7 +176,7 @@ def network_device() -> str:
 
     gpus = tf.config.get_visible_devices("GPU") if tf.config.list_physical_devices("GPU") else []
     if not gpus:
-        return f"CPU ({platform.processor() or platform.machine()})"
+        return cpu_name()
     if is_metal_gpu():
         return "GPU:0 (Apple Metal)"
     details = tf.config.experimental.get_device_details(gpus[0])
@@ -277,10 +293,7 @@ def report() -> str:
     devices = tf.config.list_physical_devices()
     lines.append("physical devices: " + ", ".join(f"{d.device_type}:{d.name.split(':')[-1]}" for d in devices))
     fused_ok, fused_failed = [], []
-    for d in devices:
-        if d.device_type not in ("CPU", "GPU"):
-            continue
-        name = f"/{d.device_type}:{d.name.split(':')[-1]}"
+    for name in available():
         for op, where in probe(name).items():
             lines.append(f"  {name}: {op} -> {_short(where)}")
             if op.startswith("FusedBatchNormV3"):
